@@ -1,0 +1,43 @@
+"""Torch modules of neurovae: backbones, latent heads, likelihoods and models.
+
+Nothing in this subpackage imports from the rest of neurovae: the modules are
+plain :class:`torch.nn.Module` objects that the estimators build and the
+training engine drives through their ``loss(batch)`` method.
+"""
+
+from neurovae.nn.backbones import (
+    ConvDecoder3d,
+    ConvEncoder3d,
+    MLPDecoder,
+    MLPEncoder,
+    ResNetDecoder3d,
+    ResNetEncoder3d,
+    infer_output_size,
+    make_backbone,
+)
+from neurovae.nn.latent import GaussianLatent, kl_standard_normal
+from neurovae.nn.likelihoods import (
+    BernoulliLikelihood,
+    GaussianLikelihood,
+    LaplaceLikelihood,
+    make_likelihood,
+)
+from neurovae.nn.vae import VAEModule
+
+__all__ = [
+    "BernoulliLikelihood",
+    "ConvDecoder3d",
+    "ConvEncoder3d",
+    "GaussianLatent",
+    "GaussianLikelihood",
+    "LaplaceLikelihood",
+    "MLPDecoder",
+    "MLPEncoder",
+    "ResNetDecoder3d",
+    "ResNetEncoder3d",
+    "VAEModule",
+    "infer_output_size",
+    "make_backbone",
+    "kl_standard_normal",
+    "make_likelihood",
+]

@@ -1,0 +1,416 @@
+"""Encoder / decoder backbones: MLP for flat features, 3-D conv and ResNet.
+
+Every encoder maps a batch ``(n, *sample_shape)`` to features of any shape;
+the latent head flattens them. Every decoder maps ``(n, n_components)`` to the
+raw output ``(n, *sample_shape)``. Nothing depends on a hard-coded input size:
+the convolutional backbones compute the grid of every level from the input
+shape, so odd sizes such as 91 x 109 x 91 work, and upsample to exactly those
+grids on the way back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """Instantiate the activation called ``name``."""
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; use one of {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+def _groups(channels: int, max_groups: int = 8) -> int:
+    """Largest number of GroupNorm groups <= max_groups that divides channels."""
+    return max(g for g in range(1, max_groups + 1) if channels % g == 0)
+
+
+def level_shapes(spatial_shape: Sequence[int], n_levels: int) -> list[tuple]:
+    """Grids of a pyramid of stride-2 levels: ``[input, /2, /4, ...]``.
+
+    A stride-2, kernel-3, padding-1 convolution maps a side ``s`` to
+    ``ceil(s / 2)``; the decoder upsamples back to exactly these grids.
+    """
+    shapes = [tuple(int(s) for s in spatial_shape)]
+    for _ in range(n_levels):
+        shapes.append(tuple(math.ceil(s / 2) for s in shapes[-1]))
+    return shapes
+
+
+@torch.no_grad()
+def infer_output_size(module: nn.Module, sample_shape: Sequence[int]) -> int:
+    """Number of values per sample that ``module`` outputs for ``sample_shape``.
+
+    Runs the module once on a zero batch of one sample, in eval mode, so that
+    a user encoder needs no declared output size.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        param = next(module.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        out = module(torch.zeros((1, *sample_shape), device=device))
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"the encoder must return a tensor, got {type(out).__name__}"
+        )
+    return int(out[0].numel())
+
+
+class MLPEncoder(nn.Module):
+    """Fully connected encoder: flatten, then Linear + activation per layer.
+
+    Parameters
+    ----------
+    in_features : int
+        Number of input features (the input is flattened).
+    hidden_layer_sizes : sequence of int
+        Width of each hidden layer.
+    activation : str, default="silu"
+        Activation between layers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_layer_sizes: Sequence[int],
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden_layer_sizes:
+            layers += [nn.Linear(width, size), make_activation(activation)]
+            width = size
+        self.net = nn.Sequential(*layers)
+        self.out_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    """Fully connected decoder, the mirror of :class:`MLPEncoder`.
+
+    Parameters
+    ----------
+    n_components : int
+        Latent dimension.
+    hidden_layer_sizes : sequence of int
+        Width of the hidden layers in encoder order (they are used reversed).
+    out_shape : tuple of int
+        Shape of one output sample.
+    activation : str, default="silu"
+        Activation between layers.
+    """
+
+    def __init__(
+        self,
+        n_components: int,
+        hidden_layer_sizes: Sequence[int],
+        out_shape: Sequence[int],
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        layers: list[nn.Module] = []
+        width = n_components
+        for size in reversed(tuple(hidden_layer_sizes)):
+            layers += [nn.Linear(width, size), make_activation(activation)]
+            width = size
+        layers.append(nn.Linear(width, math.prod(self.out_shape)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(z.shape[0], *self.out_shape)
+
+
+def _conv_block(c_in: int, c_out: int, stride: int, activation: str) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(c_in, c_out, kernel_size=3, stride=stride, padding=1),
+        nn.GroupNorm(_groups(c_out), c_out),
+        make_activation(activation),
+    )
+
+
+class _Upsample(nn.Module):
+    """Nearest-neighbour upsampling to a fixed grid (no checkerboard)."""
+
+    def __init__(self, size: tuple[int, ...]) -> None:
+        super().__init__()
+        self.size = tuple(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(x, size=self.size, mode="nearest")
+
+
+class ConvEncoder3d(nn.Module):
+    """3-D convolutional encoder: one stride-2 conv + GroupNorm per level.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input volumes.
+    channels : sequence of int
+        Output channels of each level; each level halves the grid.
+    activation : str, default="silu"
+        Activation after each normalisation.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: Sequence[int], activation: str = "silu"
+    ) -> None:
+        super().__init__()
+        blocks = []
+        c_prev = in_channels
+        for c in channels:
+            blocks.append(_conv_block(c_prev, c, stride=2, activation=activation))
+            c_prev = c
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvDecoder3d(nn.Module):
+    """3-D convolutional decoder, the mirror of :class:`ConvEncoder3d`.
+
+    A linear layer maps the latent code to the coarsest grid; each level
+    upsamples to the exact grid of the matching encoder level and convolves.
+
+    Parameters
+    ----------
+    n_components : int
+        Latent dimension.
+    channels : sequence of int
+        Channels of the encoder levels, in encoder order.
+    out_shape : tuple of int
+        ``(channels, x, y, z)`` of one output volume.
+    activation : str, default="silu"
+        Activation after each normalisation.
+    """
+
+    def __init__(
+        self,
+        n_components: int,
+        channels: Sequence[int],
+        out_shape: Sequence[int],
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        channels = tuple(channels)
+        out_channels, *spatial = out_shape
+        shapes = level_shapes(spatial, len(channels))
+        self.bottom = (channels[-1], *shapes[-1])
+        self.fc = nn.Linear(n_components, math.prod(self.bottom))
+        blocks: list[nn.Module] = [make_activation(activation)]
+        for level in range(len(channels) - 1, -1, -1):
+            c_out = channels[level - 1] if level > 0 else channels[0]
+            blocks += [
+                _Upsample(shapes[level]),
+                _conv_block(channels[level], c_out, stride=1, activation=activation),
+            ]
+        blocks.append(nn.Conv3d(channels[0], out_channels, kernel_size=3, padding=1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fc(z).view(z.shape[0], *self.bottom))
+
+
+class ResBlock3d(nn.Module):
+    """Pre-activation residual block: (GroupNorm, act, conv) x 2 + identity.
+
+    The second convolution starts at zero, so every block starts as the
+    identity and a deep stack trains stably.
+    """
+
+    def __init__(self, channels: int, activation: str = "silu") -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.GroupNorm(_groups(channels), channels),
+            make_activation(activation),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.GroupNorm(_groups(channels), channels),
+            make_activation(activation),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class ResNetEncoder3d(nn.Module):
+    """Residual 3-D encoder in the spirit of MONAI's MAISI autoencoder.
+
+    A stem convolution, then per level a stride-2 convolution followed by
+    ``n_res_blocks`` residual blocks with GroupNorm and SiLU.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels of the input volumes.
+    channels : sequence of int
+        Channels of each level; each level halves the grid.
+    n_res_blocks : int, default=1
+        Residual blocks per level.
+    activation : str, default="silu"
+        Activation inside the blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int],
+        n_res_blocks: int = 1,
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv3d(in_channels, channels[0], kernel_size=3, padding=1)
+        ]
+        c_prev = channels[0]
+        for c in channels:
+            layers.append(nn.Conv3d(c_prev, c, kernel_size=3, stride=2, padding=1))
+            layers += [ResBlock3d(c, activation) for _ in range(n_res_blocks)]
+            c_prev = c
+        layers += [nn.GroupNorm(_groups(c_prev), c_prev), make_activation(activation)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ResNetDecoder3d(nn.Module):
+    """Residual 3-D decoder, the mirror of :class:`ResNetEncoder3d`.
+
+    Parameters
+    ----------
+    n_components : int
+        Latent dimension.
+    channels : sequence of int
+        Channels of the encoder levels, in encoder order.
+    out_shape : tuple of int
+        ``(channels, x, y, z)`` of one output volume.
+    n_res_blocks : int, default=1
+        Residual blocks per level.
+    activation : str, default="silu"
+        Activation inside the blocks.
+    """
+
+    def __init__(
+        self,
+        n_components: int,
+        channels: Sequence[int],
+        out_shape: Sequence[int],
+        n_res_blocks: int = 1,
+        activation: str = "silu",
+    ) -> None:
+        super().__init__()
+        channels = tuple(channels)
+        out_channels, *spatial = out_shape
+        shapes = level_shapes(spatial, len(channels))
+        self.bottom = (channels[-1], *shapes[-1])
+        self.fc = nn.Linear(n_components, math.prod(self.bottom))
+        layers: list[nn.Module] = []
+        for level in range(len(channels) - 1, -1, -1):
+            c = channels[level]
+            c_next = channels[level - 1] if level > 0 else channels[0]
+            layers += [ResBlock3d(c, activation) for _ in range(n_res_blocks)]
+            layers += [
+                _Upsample(shapes[level]),
+                nn.Conv3d(c, c_next, kernel_size=3, padding=1),
+            ]
+        c0 = channels[0]
+        layers += [
+            nn.GroupNorm(_groups(c0), c0),
+            make_activation(activation),
+            nn.Conv3d(c0, out_channels, kernel_size=3, padding=1),
+        ]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fc(z).view(z.shape[0], *self.bottom))
+
+
+BACKBONES = ("mlp", "conv", "resnet")
+
+
+def make_backbone(
+    kind: str,
+    sample_shape: Sequence[int],
+    n_components: int,
+    *,
+    hidden_layer_sizes: Sequence[int] = (256, 128),
+    channels: Sequence[int] = (16, 32, 64),
+    activation: str = "silu",
+) -> tuple[nn.Module, nn.Module]:
+    """Build the ``(encoder, decoder)`` pair of a built-in backbone.
+
+    Parameters
+    ----------
+    kind : {"mlp", "conv", "resnet"}
+        Backbone family. "conv" and "resnet" need ``sample_shape`` to be
+        ``(channels, x, y, z)``; "mlp" flattens any shape.
+    sample_shape : tuple of int
+        Shape of one sample.
+    n_components : int
+        Latent dimension.
+    hidden_layer_sizes : sequence of int
+        Hidden widths of the MLP.
+    channels : sequence of int
+        Channels per level of the convolutional backbones.
+    activation : str, default="silu"
+        Activation function.
+
+    Returns
+    -------
+    encoder, decoder : torch.nn.Module
+
+    Examples
+    --------
+    >>> enc, dec = make_backbone("conv", (1, 9, 11, 9), 4, channels=(4, 8))
+    >>> import torch
+    >>> dec(torch.zeros(2, 4)).shape
+    torch.Size([2, 1, 9, 11, 9])
+    """
+    sample_shape = tuple(int(s) for s in sample_shape)
+    if kind == "mlp":
+        return (
+            MLPEncoder(math.prod(sample_shape), hidden_layer_sizes, activation),
+            MLPDecoder(n_components, hidden_layer_sizes, sample_shape, activation),
+        )
+    if kind in ("conv", "resnet") and len(sample_shape) != 4:
+        raise ValueError(
+            f"backbone {kind!r} needs samples of shape (channels, x, y, z); "
+            f"got {sample_shape}"
+        )
+    if kind == "conv":
+        return (
+            ConvEncoder3d(sample_shape[0], channels, activation),
+            ConvDecoder3d(n_components, channels, sample_shape, activation),
+        )
+    if kind == "resnet":
+        return (
+            ResNetEncoder3d(sample_shape[0], channels, activation=activation),
+            ResNetDecoder3d(n_components, channels, sample_shape, activation=activation),
+        )
+    raise ValueError(f"unknown backbone {kind!r}; use one of {BACKBONES}")

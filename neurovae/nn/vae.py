@@ -1,0 +1,100 @@
+"""The VAE model: encoder, Gaussian latent head, decoder and likelihood."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neurovae.nn.latent import GaussianLatent, kl_standard_normal
+
+
+class VAEModule(nn.Module):
+    """A variational autoencoder with a diagonal Gaussian posterior.
+
+    The training engine calls :meth:`loss` (also reachable as ``forward``, so
+    that a ``DistributedDataParallel`` wrapper sees it) with a batch tuple
+    ``(x,)`` and receives a dict of scalar tensors whose ``"loss"`` entry is
+    minimised.
+
+    Parameters
+    ----------
+    encoder : nn.Module
+        Maps ``(n, *sample_shape)`` to features of any shape.
+    decoder : nn.Module
+        Maps ``(n, n_components)`` to the raw output ``(n, *sample_shape)``.
+    latent : GaussianLatent
+        Maps flattened encoder features to the posterior mean and log-variance.
+    likelihood : nn.Module
+        Observation model with ``log_prob(x, out)`` and ``mean(out)``.
+
+    Attributes
+    ----------
+    beta : float
+        Weight of the KL term, set by the engine's schedule.
+    capacity : float or None
+        Target KL in nats (Burgess et al. 2018). When not None the objective is
+        ``recon + gamma * |KL - capacity|`` instead of ``recon + beta * KL``.
+    gamma : float
+        Weight of the capacity constraint.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent: GaussianLatent,
+        likelihood: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent = latent
+        self.likelihood = likelihood
+        self.beta = 1.0
+        self.capacity: float | None = None
+        self.gamma = 1.0
+
+    @property
+    def n_components(self) -> int:
+        return self.latent.n_components
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of q(z | x)."""
+        return self.latent(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z): the reconstruction for latent codes ``z``."""
+        return self.likelihood.mean(self.decoder(z))
+
+    def terms(
+        self, x: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample negative log-likelihood and KL for one posterior draw.
+
+        ``eps`` is the standard-normal noise of the reparameterisation; drawn
+        from the global generator when not given (the engine seeds it).
+        """
+        mu, logvar = self.encode(x)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        nll = -self.likelihood.log_prob(x, self.decoder(z))
+        return nll, kl_standard_normal(mu.float(), logvar.float())
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """Training objective and its terms, averaged over the batch."""
+        nll, kl = self.terms(batch[0])
+        recon, kl = nll.mean(), kl.mean()
+        if self.capacity is None:
+            objective = recon + self.beta * kl
+        else:
+            objective = recon + self.gamma * (kl - self.capacity).abs()
+        return {"loss": objective, "recon": recon, "kl": kl}
+
+    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        return self.loss(batch)
+
+    def elbo(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Per-sample evidence lower bound with the given posterior noise."""
+        nll, kl = self.terms(x, eps)
+        return -(nll + kl)

@@ -1,0 +1,186 @@
+"""The safe model format: weights plus JSON, loadable without running code.
+
+A file is one ``torch.save`` of a dict holding only strings, ints and tensors,
+so :func:`load` reads it with ``torch.load(weights_only=True)``: a model file
+from a stranger cannot execute code, unlike a pickle. Parameters and fitted
+metadata travel as JSON text; the weights as a state dict of CPU tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+
+import numpy as np
+import torch
+
+FORMAT_NAME = "neurovae"
+FORMAT_VERSION = 1
+_KEYS = {"format", "format_version", "neurovae_version", "estimator", "params",
+         "fitted", "state_dict"}
+# fitted attributes stored in the JSON part (the module is the state dict)
+_FITTED = ("n_features_in_", "feature_names_in_", "input_shape_", "n_iter_",
+           "history_", "best_epoch_", "_seed", "_fit_dtype")
+
+
+def _to_json(value, where: str):
+    """Plain JSON types for ``value``, or a clear error."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, np.ndarray):
+        return [_to_json(v, where) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, where) for k, v in value.items()}
+    if isinstance(value, torch.device):
+        return str(value)
+    raise TypeError(
+        f"{where} = {value!r} cannot be stored in the safe format (JSON). "
+        "Use plain values (an int random_state, a built-in backbone), or "
+        "pickle / joblib for models with custom torch modules."
+    )
+
+
+def _from_json(value):
+    """Inverse of :func:`_to_json` for parameters: lists become tuples."""
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    if value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
+
+
+def save(estimator, path) -> None:
+    """Save a fitted neurovae estimator in the safe format.
+
+    Parameters
+    ----------
+    estimator : neurovae estimator
+        A fitted model.
+    path : str or path-like
+        Destination file. Written atomically (temporary file, then rename).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from neurovae import VAE, load
+    >>> X = np.random.default_rng(0).normal(size=(40, 5))
+    >>> vae = VAE(n_components=2, max_iter=2, random_state=0).fit(X)
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.nvae")
+    >>> vae.save(path)
+    >>> np.allclose(load(path).transform(X), vae.transform(X))
+    True
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    from neurovae import __version__
+
+    check_is_fitted(estimator)
+    name = type(estimator).__name__
+    params = {
+        k: _to_json(v, f"{name}.{k}")
+        for k, v in estimator.get_params(deep=False).items()
+    }
+    fitted = {
+        k: _to_json(getattr(estimator, k), f"{name}.{k}")
+        for k in _FITTED
+        if hasattr(estimator, k)
+    }
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "neurovae_version": __version__,
+        "estimator": name,
+        "params": json.dumps(params),
+        "fitted": json.dumps(fitted),
+        "state_dict": {
+            k: v.detach().cpu().contiguous()
+            for k, v in estimator.module_.state_dict().items()
+        },
+    }
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load(path):
+    """Load a model saved with ``estimator.save(path)``.
+
+    The file is read with ``torch.load(weights_only=True)``: it can hold only
+    tensors and plain values, so loading never runs code from the file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file written by :meth:`neurovae.VAE.save` (or any estimator's).
+
+    Returns
+    -------
+    estimator : neurovae estimator
+        The fitted model, on the CPU (or its ``device`` where that exists).
+
+    Raises
+    ------
+    ValueError
+        If the file is not a neurovae model, comes from a newer format
+        version, or holds unknown entries.
+
+    Examples
+    --------
+    See :func:`neurovae.persistence.save`.
+    """
+    import neurovae
+
+    try:
+        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise ValueError(f"{path!s} is not a readable neurovae model: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path!s} is not a neurovae model file")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path!s} has format version {version!r}; this neurovae "
+            f"({neurovae.__version__}) reads versions up to {FORMAT_VERSION}. "
+            "Upgrade neurovae to load it."
+        )
+    unknown = set(payload) - _KEYS
+    missing = _KEYS - set(payload)
+    if unknown or missing:
+        raise ValueError(
+            f"{path!s} is not a valid neurovae model: unknown entries "
+            f"{sorted(unknown)}, missing entries {sorted(missing)}"
+        )
+    name = payload["estimator"]
+    cls = getattr(neurovae, name, None) if name in neurovae.__all__ else None
+    if not (isinstance(cls, type) and issubclass(cls, neurovae.base.BaseVAE)):
+        raise ValueError(f"{path!s} holds an unknown estimator {name!r}")
+    params = {k: _from_json(v) for k, v in json.loads(payload["params"]).items()}
+    valid = set(cls().get_params(deep=False))
+    if set(params) - valid:
+        raise ValueError(
+            f"{path!s}: unknown parameters for {name}: {sorted(set(params) - valid)}"
+        )
+    fitted = json.loads(payload["fitted"])
+    if set(fitted) - set(_FITTED):
+        raise ValueError(
+            f"{path!s}: unknown fitted attributes {sorted(set(fitted) - set(_FITTED))}"
+        )
+    estimator = cls(**params)
+    for key, value in fitted.items():
+        if key == "input_shape_":
+            value = tuple(value)
+        elif key == "feature_names_in_":
+            value = np.asarray(value, dtype=object)
+        setattr(estimator, key, value)
+    estimator.module_ = estimator._restore_module(payload["state_dict"])
+    return estimator

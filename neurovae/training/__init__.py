@@ -1,0 +1,45 @@
+"""The training engine: one loop for every neurovae model.
+
+Minibatches with a seeded shuffle, optimisers, loss-weight schedules, early
+stopping with best-weight restoration, non-finite step skipping, gradient
+clipping, mixed precision and progress reporting. Models plug in through the
+``module(batch) -> dict of losses`` protocol and :class:`Hook` objects.
+"""
+
+from neurovae.training.data import TensorBatches
+from neurovae.training.device import PRECISIONS, autocast, local_rng, resolve_device
+from neurovae.training.engine import (
+    DivergenceError,
+    Engine,
+    EngineConfig,
+    EngineResult,
+    Hook,
+)
+from neurovae.training.optim import OPTIMIZERS, make_optimizer
+from neurovae.training.schedules import (
+    Constant,
+    Cyclical,
+    Linear,
+    Schedule,
+    make_schedule,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "Constant",
+    "Cyclical",
+    "DivergenceError",
+    "Engine",
+    "EngineConfig",
+    "EngineResult",
+    "Hook",
+    "Linear",
+    "Schedule",
+    "TensorBatches",
+    "autocast",
+    "local_rng",
+    "make_optimizer",
+    "make_schedule",
+    "resolve_device",
+]

@@ -1,0 +1,345 @@
+"""The training loop shared by every neurovae estimator.
+
+The engine knows a model only through a small protocol: calling the module on
+a batch (a tuple of tensors) returns a dict of named scalar tensors whose
+``"loss"`` entry is minimised; every entry is logged. Models that need more
+than gradient steps (a closed-form update after each epoch, a discriminator
+with its own optimiser) plug a :class:`Hook` in; no estimator writes a loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neurovae.training.data import TensorBatches
+from neurovae.training.device import autocast
+from neurovae.training.optim import make_optimizer
+from neurovae.training.schedules import Schedule
+
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses or gradients step after step."""
+
+
+class Hook:
+    """Extension point of the engine; subclasses override what they need.
+
+    ``engine`` gives access to ``module``, ``optimizer``, ``device``,
+    ``epoch`` and ``history``.
+    """
+
+    def on_epoch_begin(self, engine: Engine) -> None:
+        """Called before the first step of every epoch."""
+
+    def after_step(
+        self, engine: Engine, batch: tuple, outputs: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Called after every optimiser step that was taken."""
+
+    def on_epoch_end(self, engine: Engine, logs: dict[str, float]) -> None:
+        """Called after validation; may add entries to ``logs``."""
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one training run (mirrors the estimators' parameters)."""
+
+    max_iter: int
+    optimizer: str = "adam"
+    learning_rate_init: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    early_stopping: bool = False
+    n_iter_no_change: int = 10
+    tol: float = 1e-4
+    precision: str = "32"
+    verbose: int = 0
+    max_consecutive_skips: int = 20
+    name: str = "model"
+
+
+@dataclass
+class EngineResult:
+    """What a run returns: the history and how the run ended."""
+
+    history: dict[str, list]
+    n_epochs: int
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Run minibatch training of ``module``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Model already on ``device``; ``module(batch)`` returns the loss dict.
+    config : EngineConfig
+        Optimiser, stopping and logging settings.
+    device : torch.device
+        Where the module lives.
+    schedules : dict of str to Schedule, optional
+        Attributes of ``module`` set before every step from training progress
+        (in epochs), e.g. ``{"beta": Linear(4.0, warmup_iter=10)}``.
+    hooks : sequence of Hook, optional
+        Model-specific steps plugged into the loop.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.training import Engine, EngineConfig, TensorBatches
+    >>> class Quadratic(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(1))
+    ...     def forward(self, batch):
+    ...         return {"loss": ((batch[0] - self.w) ** 2).mean()}
+    >>> module = Quadratic()
+    >>> data = TensorBatches((torch.full((8,), 3.0),), batch_size=4)
+    >>> config = EngineConfig(max_iter=200, learning_rate_init=0.1)
+    >>> result = Engine(module, config, torch.device("cpu")).fit(data)
+    >>> round(module.w.item(), 2)
+    3.0
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: EngineConfig,
+        device: torch.device,
+        schedules: Mapping[str, Schedule] | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        self.module = module
+        self.config = config
+        self.device = device
+        self.schedules = dict(schedules or {})
+        self.hooks = list(hooks)
+        self.epoch = 0
+        self.history: dict[str, list] = {}
+        self.optimizer = make_optimizer(
+            config.optimizer,
+            [p for p in module.parameters() if p.requires_grad],
+            config.learning_rate_init,
+            config.weight_decay,
+        )
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._snapshot: dict[str, torch.Tensor] | None = None
+
+    # -- helpers ---------------------------------------------------------
+    def _set_schedules(self, progress: float | None) -> None:
+        for name, schedule in self.schedules.items():
+            value = schedule.final if progress is None else schedule(progress)
+            setattr(self.module, name, value)
+
+    def _save_snapshot(self) -> None:
+        state = self.module.state_dict()
+        if self._snapshot is None:
+            self._snapshot = {k: v.detach().clone() for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                self._snapshot[k].copy_(v)
+
+    def _restore_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self.module.load_state_dict(self._snapshot)
+
+    def _divergence(self, detail: str) -> DivergenceError:
+        cfg = self.config
+        return DivergenceError(
+            f"{cfg.name}.fit diverged: {detail}. Lower learning_rate_init "
+            f"(now {cfg.learning_rate_init:g}), set max_grad_norm (e.g. 1.0; now "
+            f"{cfg.max_grad_norm}), or rescale the input (e.g. standardise it)."
+        )
+
+    @torch.no_grad()
+    def evaluate(self, batches: TensorBatches) -> dict[str, float]:
+        """Mean of every loss term over ``batches``, in eval mode.
+
+        Scheduled weights are set to their final values, so that the losses of
+        different epochs measure one objective.
+        """
+        was_training = self.module.training
+        self.module.eval()
+        self._set_schedules(None)
+        sums: dict[str, float] = {}
+        n_seen = 0
+        try:
+            for batch in batches:
+                with autocast(self.device, self.config.precision):
+                    out = self.module(batch)
+                n = batch[0].shape[0]
+                values = torch.stack([v.detach().float() for v in out.values()])
+                for key, value in zip(out, values.tolist()):
+                    sums[key] = sums.get(key, 0.0) + value * n
+                n_seen += n
+        finally:
+            self.module.train(was_training)
+        return {key: value / n_seen for key, value in sums.items()}
+
+    def _train_epoch(self, batches: TensorBatches) -> dict[str, float]:
+        cfg = self.config
+        module, optimizer, params = self.module, self.optimizer, self._params
+        module.train()
+        sums: dict[str, float] = {}
+        n_seen = n_skipped = consecutive = 0
+        n_batches = len(batches)
+        for i, batch in enumerate(batches):
+            if self.schedules:
+                self._set_schedules(self.epoch + i / n_batches)
+            with autocast(self.device, cfg.precision):
+                out = module(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            values = torch.stack([v.detach().float() for v in out.values()]).tolist()
+            finite = math.isfinite(values[0])
+            if finite and cfg.max_grad_norm is not None:
+                norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                finite = bool(torch.isfinite(norm))
+            if not finite:
+                n_skipped += 1
+                consecutive += 1
+                optimizer.zero_grad(set_to_none=True)
+                if consecutive >= cfg.max_consecutive_skips:
+                    raise self._divergence(
+                        f"{consecutive} consecutive steps had a non-finite loss "
+                        f"or gradient (epoch {self.epoch + 1})"
+                    )
+                continue
+            consecutive = 0
+            optimizer.step()
+            for hook in self.hooks:
+                hook.after_step(self, batch, out)
+            n = batch[0].shape[0]
+            for key, value in zip(out, values):
+                sums[key] = sums.get(key, 0.0) + value * n
+            n_seen += n
+        if n_seen == 0:
+            raise self._divergence(
+                f"every step of epoch {self.epoch + 1} had a non-finite loss or "
+                "gradient"
+            )
+        logs = {key: value / n_seen for key, value in sums.items()}
+        logs["n_skipped"] = n_skipped
+        return logs
+
+    def _report(self, logs: dict[str, float], total: int, bar) -> None:
+        shown = {k: v for k, v in logs.items() if k not in ("time", "n_skipped")}
+        if self.config.verbose == 1:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            bar.update(1)
+        elif self.config.verbose >= 2:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            skipped = logs.get("n_skipped", 0)
+            extra = f", {skipped} steps skipped" if skipped else ""
+            print(
+                f"[{self.config.name}.fit] epoch {self.epoch + 1}/{total}: "
+                f"{terms} ({logs['time']:.2f}s{extra})",
+                flush=True,
+            )
+
+    # -- main loop -------------------------------------------------------
+    def fit(
+        self,
+        train: TensorBatches,
+        val: TensorBatches | None = None,
+        *,
+        history: dict[str, list] | None = None,
+        start_epoch: int = 0,
+    ) -> EngineResult:
+        """Train for up to ``config.max_iter`` epochs.
+
+        Parameters
+        ----------
+        train : TensorBatches
+            Training minibatches (shuffled by their own generator).
+        val : TensorBatches, optional
+            Validation batches; needed for early stopping.
+        history : dict, optional
+            History to append to (``warm_start``).
+        start_epoch : int, default=0
+            Epochs already run, so schedules continue where they stopped.
+
+        Returns
+        -------
+        EngineResult
+        """
+        cfg = self.config
+        if cfg.early_stopping and val is None:
+            raise ValueError("early stopping needs validation data")
+        self.history = history if history is not None else {}
+        total = start_epoch + cfg.max_iter
+        best_loss, best_epoch, no_improve = math.inf, None, 0
+        result = EngineResult(self.history, 0)
+        bar = tqdm(
+            total=cfg.max_iter,
+            desc=f"{cfg.name}.fit",
+            unit="epoch",
+            disable=cfg.verbose != 1,
+            leave=True,
+        )
+        try:
+            for local_epoch in range(cfg.max_iter):
+                self.epoch = start_epoch + local_epoch
+                tic = time.perf_counter()
+                for hook in self.hooks:
+                    hook.on_epoch_begin(self)
+                logs = self._train_epoch(train)
+                for name, schedule in self.schedules.items():
+                    logs[name] = schedule(self.epoch + 1.0)
+                if val is not None:
+                    logs.update(
+                        {f"val_{k}": v for k, v in self.evaluate(val).items()}
+                    )
+                for hook in self.hooks:
+                    hook.on_epoch_end(self, logs)
+                logs["time"] = time.perf_counter() - tic
+                for key, value in logs.items():
+                    self.history.setdefault(key, []).append(value)
+                result.n_epochs = local_epoch + 1
+                self._report(logs, total, bar)
+
+                monitored = logs["val_loss"] if val is not None else logs["loss"]
+                if val is None or monitored < best_loss:
+                    # without validation the snapshot is simply the last epoch
+                    self._save_snapshot()
+                    best_epoch = self.epoch
+                if cfg.early_stopping:
+                    if not monitored < best_loss - cfg.tol:
+                        no_improve += 1
+                    else:
+                        no_improve = 0
+                best_loss = min(best_loss, monitored)
+                if cfg.early_stopping and no_improve >= cfg.n_iter_no_change:
+                    result.stopped_early = True
+                    break
+        except KeyboardInterrupt:
+            result.interrupted = True
+            kept = "no completed epoch" if best_epoch is None else (
+                f"the weights of epoch {best_epoch + 1}"
+            )
+            warnings.warn(
+                f"{cfg.name}.fit was interrupted after {result.n_epochs} epoch(s); "
+                f"keeping {kept}.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._restore_snapshot()
+        finally:
+            bar.close()
+            self._set_schedules(None)
+        if cfg.early_stopping and not result.interrupted:
+            self._restore_snapshot()
+        result.best_epoch = best_epoch
+        return result

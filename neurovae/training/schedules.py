@@ -1,0 +1,139 @@
+"""Schedules for loss weights (KL annealing, capacity), shared by all models.
+
+A schedule maps training progress, measured in epochs (fractional within an
+epoch), to a value. The engine sets the scheduled attributes of the module
+before every step, and sets them to their final value for validation so that
+validation losses of different epochs measure the same objective.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class Schedule:
+    """Base class: a value as a function of training progress (in epochs)."""
+
+    #: value used for validation and after training
+    final: float
+
+    def __call__(self, progress: float) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Constant(Schedule):
+    """Always ``value``.
+
+    Examples
+    --------
+    >>> Constant(4.0)(12.5)
+    4.0
+    """
+
+    def __init__(self, value: float) -> None:
+        self.final = float(value)
+
+    def __call__(self, progress: float) -> float:
+        return self.final
+
+    def __repr__(self) -> str:
+        return f"Constant({self.final})"
+
+
+class Linear(Schedule):
+    """Ramp from ``start`` to ``value`` over the first ``warmup_iter`` epochs.
+
+    Examples
+    --------
+    >>> s = Linear(4.0, warmup_iter=10)
+    >>> s(0.0), s(5.0), s(20.0)
+    (0.0, 2.0, 4.0)
+    """
+
+    def __init__(self, value: float, warmup_iter: float, start: float = 0.0) -> None:
+        if warmup_iter <= 0:
+            raise ValueError(f"warmup_iter must be > 0, got {warmup_iter!r}")
+        self.final = float(value)
+        self.start = float(start)
+        self.warmup_iter = float(warmup_iter)
+
+    def __call__(self, progress: float) -> float:
+        frac = min(1.0, max(0.0, progress / self.warmup_iter))
+        return self.start + frac * (self.final - self.start)
+
+    def __repr__(self) -> str:
+        return f"Linear({self.final}, warmup_iter={self.warmup_iter})"
+
+
+class Cyclical(Schedule):
+    """Cyclical annealing (Fu et al. 2019): ``n_cycles`` ramps from 0.
+
+    Training is cut into ``n_cycles`` equal cycles; within each the value
+    rises linearly from 0 to ``value`` over the first ``ratio`` of the cycle
+    and stays there for the rest.
+
+    Examples
+    --------
+    >>> s = Cyclical(1.0, total_iter=20, n_cycles=2)
+    >>> s(0.0), s(2.5), s(7.0), s(10.0), s(12.5)
+    (0.0, 0.5, 1.0, 0.0, 0.5)
+    """
+
+    def __init__(
+        self, value: float, total_iter: float, n_cycles: int, ratio: float = 0.5
+    ) -> None:
+        if total_iter <= 0 or n_cycles < 1 or not 0 < ratio <= 1:
+            raise ValueError(
+                "Cyclical needs total_iter > 0, n_cycles >= 1 and 0 < ratio <= 1"
+            )
+        self.final = float(value)
+        self.period = float(total_iter) / int(n_cycles)
+        self.ratio = float(ratio)
+
+    def __call__(self, progress: float) -> float:
+        tau = math.fmod(max(progress, 0.0), self.period) / self.period
+        return self.final * min(1.0, tau / self.ratio)
+
+    def __repr__(self) -> str:
+        return f"Cyclical({self.final}, period={self.period}, ratio={self.ratio})"
+
+
+def make_schedule(
+    kind: str,
+    value: float,
+    *,
+    warmup_iter: float | None = None,
+    n_cycles: int = 4,
+    total_iter: float | None = None,
+) -> Schedule:
+    """Build the schedule called ``kind``: "constant", "linear" or "cyclical".
+
+    Parameters
+    ----------
+    kind : {"constant", "linear", "cyclical"}
+        Shape of the schedule.
+    value : float
+        Final (or maximal) value.
+    warmup_iter : float, optional
+        Length of the ramp of a "linear" schedule, in epochs.
+    n_cycles : int, default=4
+        Number of cycles of a "cyclical" schedule.
+    total_iter : float, optional
+        Length of training in epochs, over which the cycles spread.
+
+    Returns
+    -------
+    Schedule
+
+    Examples
+    --------
+    >>> make_schedule("linear", 2.0, warmup_iter=4)(1.0)
+    0.5
+    """
+    if kind == "constant":
+        return Constant(value)
+    if kind == "linear":
+        return Linear(value, warmup_iter=warmup_iter)
+    if kind == "cyclical":
+        return Cyclical(value, total_iter=total_iter, n_cycles=n_cycles)
+    raise ValueError(f"unknown schedule {kind!r}")

@@ -1,0 +1,322 @@
+"""VAE and BetaVAE estimators."""
+
+from __future__ import annotations
+
+from neurovae._validation import Interval, Options
+from neurovae.base import BaseVAE
+from neurovae.nn import VAEModule
+from neurovae.training import Constant, Linear, Schedule, make_schedule
+
+_COMMON_PARAMETERS = """
+    backbone : {"auto", "mlp", "conv", "resnet"} or (encoder, decoder), \
+default="auto"
+        Network of the encoder and decoder. "auto" picks "mlp" for 2-D input
+        and "conv" for volumes. "conv" is a 3-D convolutional network with
+        GroupNorm (one stride-2 level per entry of ``channels``); "resnet"
+        adds residual blocks at every level. Both handle any grid, odd sizes
+        included. A pair of ``torch.nn.Module`` objects is used as is (copied):
+        the encoder maps a batch of samples to features of any shape (its
+        output size is inferred), the decoder maps ``(n, n_components)`` to
+        the output (the mean, or logits for "bernoulli") of the input's shape.
+    hidden_layer_sizes : tuple of int, default=(512, 256)
+        Hidden widths of the "mlp" encoder; the decoder mirrors them.
+    channels : tuple of int, default=(16, 32, 64)
+        Channels of each level of the "conv" and "resnet" backbones.
+    likelihood : {"gaussian", "laplace", "bernoulli"}, default="gaussian"
+        Observation model p(x | z). "gaussian" and "laplace" learn their scale
+        (so the ELBO is a proper bound and the model does not collapse to the
+        mean image); "bernoulli" needs data in [0, 1].
+    likelihood_scale : {"global", "feature"}, default="global"
+        Learn one scale for all features, or one per feature (voxel).
+    optimizer : {"adam", "adamw", "sgd", "adamax"}, default="adam"
+        Optimiser of the network weights.
+    learning_rate_init : float, default=1e-3
+        Learning rate of the optimiser.
+    weight_decay : float, default=0.0
+        Weight decay of the optimiser (decoupled for "adamw").
+    max_grad_norm : float or None, default=None
+        Clip the gradient norm to this value; steps whose gradient norm is not
+        finite are skipped.
+    batch_size : int or "auto", default="auto"
+        Minibatch size; "auto" is ``min(200, n_samples)``.
+    max_iter : int, default=200
+        Number of epochs (passes over the training data).
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the data, stop when the
+        validation loss has not improved by ``tol`` for ``n_iter_no_change``
+        epochs, and restore the weights of the best epoch.
+    validation_fraction : float, default=0.1
+        Share of the samples held out for early stopping.
+    n_iter_no_change : int, default=10
+        Epochs without improvement before early stopping.
+    tol : float, default=1e-4
+        Minimal improvement of the validation loss.
+    device : str, default="auto"
+        "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", ...
+        Resolved in ``fit``.
+    precision : {"32", "bf16"}, default="32"
+        Float32, or bfloat16 autocast (on CPU and GPU).
+    random_state : int, RandomState instance or None, default=None
+        Controls weight initialisation, shuffling, the validation split, the
+        reparameterisation noise and scoring. Global random generators are
+        never touched.
+    verbose : int, default=0
+        0 silent, 1 a progress bar with the current loss, 2 one line per epoch.
+    warm_start : bool, default=False
+        Continue from the fitted weights (with a fresh optimiser) instead of
+        starting from scratch; ``history_`` and ``n_iter_`` accumulate."""
+
+_COMMON_ATTRIBUTES = """
+    module_ : neurovae.nn.VAEModule
+        The trained torch module.
+    history_ : dict of str to list
+        Per-epoch ``loss`` (the training objective), ``recon`` (negative
+        log-likelihood), ``kl``, the scheduled weights, ``n_skipped`` (steps
+        skipped for a non-finite loss), ``time`` (seconds) and, with early
+        stopping, the same terms on the validation set prefixed ``val_``.
+    n_iter_ : int
+        Epochs run.
+    best_epoch_ : int or None
+        Epoch (0-based) whose weights are kept: the best validation epoch
+        with early stopping, otherwise the last.
+    n_features_in_ : int
+        Number of features (voxels times channels for volumes).
+    feature_names_in_ : ndarray of str
+        Feature names, when ``X`` had string column names.
+    input_shape_ : tuple of int
+        Shape of one training sample: ``(n_features,)``, ``(x, y, z)`` or
+        ``(channels, x, y, z)``."""
+
+
+class VAE(BaseVAE):
+    __doc__ = f"""Variational autoencoder with the scikit-learn interface.
+
+    Encodes each sample into a diagonal Gaussian posterior over
+    ``n_components`` latent variables and decodes latent codes through a
+    learned likelihood. Trained by maximising the evidence lower bound (ELBO)
+    ``E_q[log p(x | z)] - beta * KL(q(z | x) || N(0, I))``. Works on flat
+    features (2-D arrays, e.g. masked brain images) and on volumes
+    (``(n, x, y, z)`` or ``(n, channels, x, y, z)`` arrays).
+
+    Parameters
+    ----------
+    n_components : int, default=8
+        Dimension of the latent space.
+{_COMMON_PARAMETERS}
+    beta : float, default=1.0
+        Weight of the KL term; 1 gives the ELBO.
+
+    Attributes
+    ----------{_COMMON_ATTRIBUTES}
+
+    See Also
+    --------
+    BetaVAE : KL weights above one, schedules and controlled capacity.
+    sklearn.decomposition.PCA : The linear baseline.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from neurovae import VAE
+    >>> X = load_digits().data / 16.0
+    >>> vae = VAE(n_components=4, max_iter=5, random_state=0).fit(X)
+    >>> vae.transform(X).shape
+    (1797, 4)
+    >>> vae.inverse_transform(vae.transform(X[:3])).shape
+    (3, 64)
+    >>> vae.get_feature_names_out()[:2].tolist()
+    ['vae0', 'vae1']
+    """
+
+    def __init__(
+        self,
+        n_components=8,
+        *,
+        backbone="auto",
+        hidden_layer_sizes=(512, 256),
+        channels=(16, 32, 64),
+        likelihood="gaussian",
+        likelihood_scale="global",
+        beta=1.0,
+        optimizer="adam",
+        learning_rate_init=1e-3,
+        weight_decay=0.0,
+        max_grad_norm=None,
+        batch_size="auto",
+        max_iter=200,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        tol=1e-4,
+        device="auto",
+        precision="32",
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+    ):
+        self.n_components = n_components
+        self.backbone = backbone
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.channels = channels
+        self.likelihood = likelihood
+        self.likelihood_scale = likelihood_scale
+        self.beta = beta
+        self.optimizer = optimizer
+        self.learning_rate_init = learning_rate_init
+        self.weight_decay = weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.device = device
+        self.precision = precision
+        self.random_state = random_state
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    def _build_module(self, sample_shape, stats) -> VAEModule:
+        return self._vae_module(sample_shape, stats)
+
+    def _schedules(self) -> dict[str, Schedule]:
+        return {"beta": Constant(self.beta)}
+
+
+class BetaVAE(VAE):
+    __doc__ = f"""β-VAE: a VAE with a heavier, optionally scheduled, KL term.
+
+    The disentanglement model of Higgins et al. (2017): ``beta > 1`` presses
+    the posterior towards the factorised prior. The KL weight can follow a
+    schedule (linear warm-up, or cyclical annealing as in Fu et al. 2019),
+    or be replaced by controlled capacity (Burgess et al. 2018): the objective
+    ``recon + gamma * |KL - C|`` with the target ``C`` rising linearly from 0
+    to ``capacity`` nats over ``warmup_iter`` epochs.
+
+    Parameters
+    ----------
+    n_components : int, default=8
+        Dimension of the latent space.
+{_COMMON_PARAMETERS}
+    beta : float, default=4.0
+        Weight of the KL term (its final value under a schedule).
+    beta_schedule : {{"constant", "linear", "cyclical"}}, default="constant"
+        "linear" ramps the weight from 0 to ``beta`` over ``warmup_iter``
+        epochs; "cyclical" repeats ``n_cycles`` ramps over ``max_iter``
+        epochs, each rising over the first half of its cycle.
+    warmup_iter : int, default=10
+        Epochs of the linear ramp (of ``beta``, or of the capacity).
+    n_cycles : int, default=4
+        Number of cycles of the "cyclical" schedule.
+    capacity : float or None, default=None
+        Final KL target in nats; when set, ``beta`` and ``beta_schedule`` are
+        not used.
+    gamma : float, default=100.0
+        Weight of ``|KL - C|`` under controlled capacity.
+
+    Attributes
+    ----------{_COMMON_ATTRIBUTES}
+
+    See Also
+    --------
+    VAE : The plain VAE (``beta=1``).
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from neurovae import BetaVAE
+    >>> X = load_digits().data / 16.0
+    >>> model = BetaVAE(n_components=4, beta=4.0, beta_schedule="linear",
+    ...                 warmup_iter=2, max_iter=4, random_state=0).fit(X)
+    >>> model.history_["beta"]
+    [2.0, 4.0, 4.0, 4.0]
+    >>> model.get_feature_names_out()[:2].tolist()
+    ['betavae0', 'betavae1']
+    """
+
+    _parameter_rules = {
+        **VAE._parameter_rules,
+        "beta_schedule": Options(("constant", "linear", "cyclical")),
+        "warmup_iter": Interval(int, 1),
+        "n_cycles": Interval(int, 1),
+        "capacity": Interval(float, 0.0, none_ok=True),
+        "gamma": Interval(float, 0.0),
+    }
+
+    def __init__(
+        self,
+        n_components=8,
+        *,
+        backbone="auto",
+        hidden_layer_sizes=(512, 256),
+        channels=(16, 32, 64),
+        likelihood="gaussian",
+        likelihood_scale="global",
+        beta=4.0,
+        beta_schedule="constant",
+        warmup_iter=10,
+        n_cycles=4,
+        capacity=None,
+        gamma=100.0,
+        optimizer="adam",
+        learning_rate_init=1e-3,
+        weight_decay=0.0,
+        max_grad_norm=None,
+        batch_size="auto",
+        max_iter=200,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        tol=1e-4,
+        device="auto",
+        precision="32",
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+    ):
+        super().__init__(
+            n_components,
+            backbone=backbone,
+            hidden_layer_sizes=hidden_layer_sizes,
+            channels=channels,
+            likelihood=likelihood,
+            likelihood_scale=likelihood_scale,
+            beta=beta,
+            optimizer=optimizer,
+            learning_rate_init=learning_rate_init,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            batch_size=batch_size,
+            max_iter=max_iter,
+            early_stopping=early_stopping,
+            validation_fraction=validation_fraction,
+            n_iter_no_change=n_iter_no_change,
+            tol=tol,
+            device=device,
+            precision=precision,
+            random_state=random_state,
+            verbose=verbose,
+            warm_start=warm_start,
+        )
+        self.beta_schedule = beta_schedule
+        self.warmup_iter = warmup_iter
+        self.n_cycles = n_cycles
+        self.capacity = capacity
+        self.gamma = gamma
+
+    def _schedules(self) -> dict[str, Schedule]:
+        if self.capacity is not None:
+            return {
+                "capacity": Linear(self.capacity, warmup_iter=self.warmup_iter),
+                "gamma": Constant(self.gamma),
+            }
+        return {
+            "beta": make_schedule(
+                self.beta_schedule,
+                self.beta,
+                warmup_iter=self.warmup_iter,
+                n_cycles=self.n_cycles,
+                total_iter=self.max_iter,
+            )
+        }
