@@ -1,6 +1,5 @@
 """neurovae: variational autoencoders for neuroimaging, the scikit-learn way."""
 
-from neurovae import base
 from neurovae._version import __version__
 from neurovae.persistence import load
 from neurovae.vae import VAE, BetaVAE

@@ -129,6 +129,5 @@ def validate_params(estimator, rules: Mapping[str, Callable]) -> None:
         value = params[name]
         if not rule(value):
             raise InvalidParameterError(
-                f"{cls}: parameter {name!r} must be {rule.describe()}; "
-                f"got {value!r}."
+                f"{cls}: parameter {name!r} must be {rule.describe()}; got {value!r}."
             )

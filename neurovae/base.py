@@ -112,9 +112,9 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "max_iter": Interval(int, 1),
         "early_stopping": Options((True, False)),
         "validation_fraction": Custom(
-            lambda v: isinstance(v, numbers.Real)
-            and not isinstance(v, bool)
-            and 0 < v < 1,
+            lambda v: (
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < 1
+            ),
             "a float in (0, 1)",
         ),
         "n_iter_no_change": Interval(int, 1),
@@ -498,7 +498,9 @@ or (n_samples, channels, x, y, z)
         """
         check_is_fitted(self)
         Z = self._check_Z(X)
-        values = self._batched(self.module_.decode, torch.tensor(Z, dtype=torch.float32))
+        values = self._batched(
+            self.module_.decode, torch.tensor(Z, dtype=torch.float32)
+        )
         return self._to_output(values, Z.dtype)
 
     def sample(self, n_samples: int = 1, random_state=None) -> np.ndarray:
@@ -532,9 +534,7 @@ or (n_samples, channels, x, y, z)
                 f"RandomState; got {random_state!r}"
             )
         generator = torch.Generator().manual_seed(self._draw_seed(random_state))
-        z = torch.randn(
-            int(n_samples), self.module_.n_components, generator=generator
-        )
+        z = torch.randn(int(n_samples), self.module_.n_components, generator=generator)
         return self._to_output(self._batched(self.module_.decode, z), self._fit_dtype)
 
     def score_samples(self, X) -> np.ndarray:

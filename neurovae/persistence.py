@@ -18,11 +18,26 @@ import torch
 
 FORMAT_NAME = "neurovae"
 FORMAT_VERSION = 1
-_KEYS = {"format", "format_version", "neurovae_version", "estimator", "params",
-         "fitted", "state_dict"}
+_KEYS = {
+    "format",
+    "format_version",
+    "neurovae_version",
+    "estimator",
+    "params",
+    "fitted",
+    "state_dict",
+}
 # fitted attributes stored in the JSON part (the module is the state dict)
-_FITTED = ("n_features_in_", "feature_names_in_", "input_shape_", "n_iter_",
-           "history_", "best_epoch_", "_seed", "_fit_dtype")
+_FITTED = (
+    "n_features_in_",
+    "feature_names_in_",
+    "input_shape_",
+    "n_iter_",
+    "history_",
+    "best_epoch_",
+    "_seed",
+    "_fit_dtype",
+)
 
 
 def _to_json(value, where: str):
@@ -139,6 +154,7 @@ def load(path):
     See :func:`neurovae.persistence.save`.
     """
     import neurovae
+    from neurovae.base import BaseVAE
 
     try:
         payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
@@ -162,7 +178,7 @@ def load(path):
         )
     name = payload["estimator"]
     cls = getattr(neurovae, name, None) if name in neurovae.__all__ else None
-    if not (isinstance(cls, type) and issubclass(cls, neurovae.base.BaseVAE)):
+    if not (isinstance(cls, type) and issubclass(cls, BaseVAE)):
         raise ValueError(f"{path!s} holds an unknown estimator {name!r}")
     params = {k: _from_json(v) for k, v in json.loads(payload["params"]).items()}
     valid = set(cls().get_params(deep=False))

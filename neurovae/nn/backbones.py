@@ -68,9 +68,7 @@ def infer_output_size(module: nn.Module, sample_shape: Sequence[int]) -> int:
     finally:
         module.train(was_training)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(
-            f"the encoder must return a tensor, got {type(out).__name__}"
-        )
+        raise TypeError(f"the encoder must return a tensor, got {type(out).__name__}")
     return int(out[0].numel())
 
 
@@ -411,6 +409,8 @@ def make_backbone(
     if kind == "resnet":
         return (
             ResNetEncoder3d(sample_shape[0], channels, activation=activation),
-            ResNetDecoder3d(n_components, channels, sample_shape, activation=activation),
+            ResNetDecoder3d(
+                n_components, channels, sample_shape, activation=activation
+            ),
         )
     raise ValueError(f"unknown backbone {kind!r}; use one of {BACKBONES}")

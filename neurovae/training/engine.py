@@ -299,9 +299,7 @@ class Engine:
                 for name, schedule in self.schedules.items():
                     logs[name] = schedule(self.epoch + 1.0)
                 if val is not None:
-                    logs.update(
-                        {f"val_{k}": v for k, v in self.evaluate(val).items()}
-                    )
+                    logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
                 for hook in self.hooks:
                     hook.on_epoch_end(self, logs)
                 logs["time"] = time.perf_counter() - tic
@@ -326,8 +324,10 @@ class Engine:
                     break
         except KeyboardInterrupt:
             result.interrupted = True
-            kept = "no completed epoch" if best_epoch is None else (
-                f"the weights of epoch {best_epoch + 1}"
+            kept = (
+                "no completed epoch"
+                if best_epoch is None
+                else (f"the weights of epoch {best_epoch + 1}")
             )
             warnings.warn(
                 f"{cfg.name}.fit was interrupted after {result.n_epochs} epoch(s); "
