@@ -296,8 +296,8 @@ class Engine:
                 for hook in self.hooks:
                     hook.on_epoch_begin(self)
                 logs = self._train_epoch(train)
-                for name, schedule in self.schedules.items():
-                    logs[name] = schedule(self.epoch + 1.0)
+                for name in self.schedules:  # values of the epoch's last step
+                    logs[name] = float(getattr(self.module, name))
                 if val is not None:
                     logs.update({f"val_{k}": v for k, v in self.evaluate(val).items()})
                 for hook in self.hooks:
