@@ -68,7 +68,10 @@ def local_rng(seed: int, device: torch.device) -> Iterator[None]:
     reparameterisation, dropout in a user module) becomes deterministic under
     ``seed`` while the caller's global random state is left untouched.
     """
-    devices = [device.index] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":  # fork_rng needs an index; "cuda" means the current
+        index = device.index
+        devices = [torch.cuda.current_device() if index is None else index]
     with torch.random.fork_rng(devices=devices):
         torch.random.default_generator.manual_seed(seed)
         if device.type == "cuda":

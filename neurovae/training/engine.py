@@ -203,7 +203,8 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             values = torch.stack([v.detach().float() for v in out.values()]).tolist()
-            finite = math.isfinite(values[0])
+            terms = dict(zip(out, values))
+            finite = math.isfinite(terms["loss"])
             if finite and cfg.max_grad_norm is not None:
                 norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 finite = bool(torch.isfinite(norm))
@@ -222,7 +223,7 @@ class Engine:
             for hook in self.hooks:
                 hook.after_step(self, batch, out)
             n = batch[0].shape[0]
-            for key, value in zip(out, values):
+            for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value * n
             n_seen += n
         if n_seen == 0:

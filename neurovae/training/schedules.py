@@ -133,7 +133,11 @@ def make_schedule(
     if kind == "constant":
         return Constant(value)
     if kind == "linear":
+        if warmup_iter is None:
+            raise ValueError("a 'linear' schedule needs warmup_iter")
         return Linear(value, warmup_iter=warmup_iter)
     if kind == "cyclical":
+        if total_iter is None:
+            raise ValueError("a 'cyclical' schedule needs total_iter")
         return Cyclical(value, total_iter=total_iter, n_cycles=n_cycles)
     raise ValueError(f"unknown schedule {kind!r}")
