@@ -48,13 +48,18 @@ class Interval:
 
 @dataclass(frozen=True)
 class Options:
-    """One of a fixed set of values."""
+    """One of a fixed set of values (a bool matches only a bool: 1 is not True)."""
 
     values: tuple
 
     def __call__(self, value) -> bool:
-        return isinstance(value, (str, bool, type(None), numbers.Number)) and (
-            value in self.values
+        if isinstance(value, np.bool_):
+            value = bool(value)
+        if not isinstance(value, (str, bool, type(None), numbers.Number)):
+            return False
+        return any(
+            value == v and isinstance(value, bool) == isinstance(v, bool)
+            for v in self.values
         )
 
     def describe(self) -> str:

@@ -153,18 +153,26 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         backbone = self.backbone
         if _is_module_pair(backbone):
             encoder, decoder = (copy.deepcopy(m) for m in backbone)
-        else:
-            if backbone == "auto":
-                backbone = "mlp" if len(sample_shape) == 1 else "conv"
-            encoder, decoder = make_backbone(
-                backbone,
-                sample_shape,
-                n_components,
-                hidden_layer_sizes=tuple(self.hidden_layer_sizes),
-                channels=tuple(self.channels),
-            )
-        n_features = infer_output_size(encoder, sample_shape)
-        return encoder, decoder, n_features
+            try:
+                n_features = infer_output_size(encoder, sample_shape)
+            except Exception as exc:  # a user module: say what it must do
+                raise ValueError(
+                    f"{type(self).__name__}: the encoder must map a batch of "
+                    f"samples of shape (n, {', '.join(map(str, sample_shape))}) "
+                    f"to a tensor; calling it failed with {type(exc).__name__}: "
+                    f"{exc}"
+                ) from exc
+            return encoder, decoder, n_features
+        if backbone == "auto":
+            backbone = "mlp" if len(sample_shape) == 1 else "conv"
+        encoder, decoder = make_backbone(
+            backbone,
+            sample_shape,
+            n_components,
+            hidden_layer_sizes=tuple(self.hidden_layer_sizes),
+            channels=tuple(self.channels),
+        )
+        return encoder, decoder, infer_output_size(encoder, sample_shape)
 
     def _vae_module(self, sample_shape: tuple[int, ...], stats: dict) -> VAEModule:
         """A :class:`~neurovae.nn.VAEModule` on this estimator's backbone."""
@@ -188,10 +196,19 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return module
 
     def _check_decoder(self, module: VAEModule, sample_shape: tuple) -> None:
-        with torch.no_grad():
-            was_training = module.training
-            module.eval()
-            out = module.decoder(torch.zeros(1, module.n_components))
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = module.decoder(torch.zeros(1, module.n_components))
+        except Exception as exc:  # a user module: say what it must do
+            raise ValueError(
+                f"{type(self).__name__}: the decoder must map latent codes of "
+                f"shape (n, {module.n_components}) to samples of shape "
+                f"(n, {', '.join(map(str, sample_shape))}); calling it failed "
+                f"with {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
             module.train(was_training)
         if tuple(out.shape[1:]) != tuple(sample_shape):
             raise ValueError(
@@ -229,6 +246,11 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 input_name="X",
                 estimator=self,
             )
+            if 0 in X.shape[1:]:
+                raise ValueError(
+                    f"{name}: X has samples of shape {tuple(X.shape[1:])}, with "
+                    "an empty axis; volumes need at least one voxel per axis."
+                )
             if reset:
                 self.input_shape_ = tuple(int(s) for s in X.shape[1:])
                 self.n_features_in_ = int(math.prod(self.input_shape_))
@@ -386,6 +408,8 @@ or (n_samples, channels, x, y, z)
         """
         validate_params(self, self._parameter_rules)
         warm = bool(self.warm_start) and hasattr(self, "module_")
+        if not warm:  # a failed fit must not leave a stale model looking fitted
+            self.__dict__.pop("module_", None)
         X = self._check_X(X, reset=not warm)
         self._check_data(X)
         device = resolve_device(self.device)
@@ -434,6 +458,10 @@ or (n_samples, channels, x, y, z)
     # ------------------------------------------------------------------
     # inference
     # ------------------------------------------------------------------
+    def __sklearn_is_fitted__(self) -> bool:
+        """Fitted once a trained module exists (a failed ``fit`` leaves none)."""
+        return hasattr(self, "module_")
+
     @property
     def _n_features_out(self) -> int:
         return self.module_.n_components

@@ -9,7 +9,6 @@ metadata travel as JSON text; the weights as a state dict of CPU tensors.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 
@@ -44,11 +43,12 @@ def _to_json(value, where: str):
     """Plain JSON types for ``value``, or a clear error."""
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
-        value = float(value)
-        return value if math.isfinite(value) else repr(value)
+        return float(value)  # json writes NaN / Infinity and reads them back
     if isinstance(value, np.ndarray):
         return [_to_json(v, where) for v in value.tolist()]
     if isinstance(value, (list, tuple)):
@@ -68,8 +68,6 @@ def _from_json(value):
     """Inverse of :func:`_to_json` for parameters: lists become tuples."""
     if isinstance(value, list):
         return tuple(_from_json(v) for v in value)
-    if value in ("nan", "inf", "-inf"):
-        return float(value)
     return value
 
 
@@ -148,6 +146,8 @@ def load(path):
     ValueError
         If the file is not a neurovae model, comes from a newer format
         version, or holds unknown entries.
+    OSError
+        If the file cannot be opened (e.g. ``FileNotFoundError``).
 
     Examples
     --------
@@ -158,6 +158,8 @@ def load(path):
 
     try:
         payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except OSError:  # a missing or unreadable file, not a bad model
+        raise
     except Exception as exc:  # torch raises several types for corrupt files
         raise ValueError(f"{path!s} is not a readable neurovae model: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:

@@ -18,6 +18,8 @@ default="auto"
         the encoder maps a batch of samples to features of any shape (its
         output size is inferred), the decoder maps ``(n, n_components)`` to
         the output (the mean, or logits for "bernoulli") of the input's shape.
+        Both see ``(n, x, y, z)`` volumes with a channel axis,
+        ``(n, 1, x, y, z)``.
     hidden_layer_sizes : tuple of int, default=(512, 256)
         Hidden widths of the "mlp" encoder; the decoder mirrors them.
     channels : tuple of int, default=(16, 32, 64)
