@@ -348,10 +348,16 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             name=type(self).__name__,
         )
 
-    def _split(self, n_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices of the training and validation samples (seeded)."""
+    def _split(
+        self, tensors: tuple[torch.Tensor, ...], seed: int
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+        """Training and validation tensors (a seeded split for early stopping).
+
+        Without early stopping the tensors are returned as they are: no copy.
+        """
         if not self.early_stopping:
-            return np.arange(n_samples), np.arange(0)
+            return tensors, None
+        n_samples = tensors[0].shape[0]
         n_val = math.ceil(self.validation_fraction * n_samples)
         if n_val < 1 or n_samples - n_val < 1:
             raise ValueError(
@@ -361,7 +367,12 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "early_stopping=False."
             )
         perm = np.random.default_rng(seed).permutation(n_samples)
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        train_idx = torch.from_numpy(np.sort(perm[n_val:]))
+        val_idx = torch.from_numpy(np.sort(perm[:n_val]))
+        return (
+            tuple(t[train_idx] for t in tensors),
+            tuple(t[val_idx] for t in tensors),
+        )
 
     @staticmethod
     def _data_stats(X: torch.Tensor) -> dict:
@@ -420,20 +431,19 @@ or (n_samples, channels, x, y, z)
         init_seed, shuffle_seed = np.random.SeedSequence(
             [self._seed, n_done]
         ).generate_state(2)
-        tensors = self._training_tensors(X, y)
-        train_idx, val_idx = self._split(X.shape[0], self._seed)
-        train = self._batches(
-            (t[train_idx] for t in tensors), device, shuffle=True, seed=shuffle_seed
+        train_tensors, val_tensors = self._split(
+            self._training_tensors(X, y), self._seed
         )
+        train = self._batches(train_tensors, device, shuffle=True, seed=shuffle_seed)
         val = None
-        if len(val_idx):
-            val = self._batches((t[val_idx] for t in tensors), device, shuffle=False)
+        if val_tensors is not None:
+            val = self._batches(val_tensors, device, shuffle=False)
         with local_rng(int(init_seed), device):
             if warm:
                 module = self.module_
             else:
                 module = self._build_module(
-                    self._sample_shape, self._data_stats(tensors[0][train_idx])
+                    self._sample_shape, self._data_stats(train_tensors[0])
                 )
             module.to(device)
             engine = Engine(
