@@ -9,7 +9,8 @@ Two measurements, printed as small tables in one run:
      ``_build_module`` under the seed that ``fit`` derives from
      ``random_state`` (``np.random.SeedSequence([random_state, 0])``, inside
      a forked torch RNG), so the initial weights are the very weights that
-     ``fit`` starts from;
+     ``fit`` starts from, and gives the module the noise generator ``fit``
+     gives it (``module.generator``, seeded from the same sequence);
    * it shuffles with a ``torch.Generator`` seeded like ``fit``'s, by slicing
      a ``torch.randperm`` permutation; Adam with the estimator's learning
      rate; ``zero_grad(set_to_none=True)``, backward, step; and it accumulates
@@ -273,12 +274,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fit_seeds(random_state: int) -> tuple[int, int]:
-    """The (init, shuffle) seeds that ``VAE.fit`` derives from random_state."""
-    init_seed, shuffle_seed = np.random.SeedSequence([random_state, 0]).generate_state(
-        2
-    )
-    return int(init_seed), int(shuffle_seed)
+def fit_seeds(random_state: int) -> tuple[int, int, int]:
+    """The (init, shuffle, noise) seeds that ``VAE.fit`` derives from random_state."""
+    seeds = np.random.SeedSequence([random_state, 0]).generate_state(3)
+    return tuple(int(s) for s in seeds)
 
 
 def run_estimator(
@@ -312,10 +311,10 @@ def run_bare_loop(
     ``template`` is a fitted estimator with the same parameters; only its
     ``_build_module`` (and the data statistics it takes) is used, under the
     seed ``fit`` uses, so the module and its initial weights are identical.
-    The reparameterisation noise comes from torch's global generator, seeded
-    with that same seed as ``fit`` does, in a forked RNG state.
+    The reparameterisation noise comes from the module's own generator,
+    seeded as ``fit`` seeds it.
     """
-    init_seed, shuffle_seed = fit_seeds(SEED)
+    init_seed, shuffle_seed, noise_seed = fit_seeds(SEED)
     X = X.to(device)
     n = X.shape[0]
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -326,6 +325,7 @@ def run_bare_loop(
         module = template._build_module(
             template._sample_shape, template._data_stats(X.cpu())
         ).to(device)
+        module.generator = torch.Generator(device=device).manual_seed(noise_seed)
         optimizer = torch.optim.Adam(module.parameters(), lr=lr)
         generator = torch.Generator().manual_seed(shuffle_seed)
         module.train()

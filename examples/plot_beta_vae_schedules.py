@@ -26,7 +26,7 @@ settings = {
     "constant": dict(beta_schedule="constant"),
     "linear warm-up": dict(beta_schedule="linear", warmup_iter=20),
     "cyclical": dict(beta_schedule="cyclical", n_cycles=3),
-    "capacity 15 nats": dict(capacity=15.0, gamma=20.0, warmup_iter=40),
+    "capacity 15 nats": dict(capacity=15.0, gamma=20.0, capacity_iter=40),
 }
 models = {
     name: BetaVAE(n_components=8, beta=4.0, max_iter=60, random_state=0, **kw).fit(

@@ -119,6 +119,18 @@ class InvalidParameterError(ValueError, TypeError):
     """A parameter has a wrong type or value (catch as ValueError or TypeError)."""
 
 
+def check_value(owner, name: str, value, rule: Callable) -> None:
+    """Raise :class:`InvalidParameterError` unless ``rule(value)`` holds.
+
+    ``owner`` (an estimator) names the error's source.
+    """
+    if not rule(value):
+        raise InvalidParameterError(
+            f"{type(owner).__name__}: parameter {name!r} must be "
+            f"{rule.describe()}; got {value!r}."
+        )
+
+
 def validate_params(estimator, rules: Mapping[str, Callable]) -> None:
     """Check every parameter of ``estimator`` named in ``rules``.
 
@@ -129,10 +141,5 @@ def validate_params(estimator, rules: Mapping[str, Callable]) -> None:
         estimator, the parameter, the accepted values and the value given.
     """
     params = estimator.get_params(deep=False)
-    cls = type(estimator).__name__
     for name, rule in rules.items():
-        value = params[name]
-        if not rule(value):
-            raise InvalidParameterError(
-                f"{cls}: parameter {name!r} must be {rule.describe()}; got {value!r}."
-            )
+        check_value(estimator, name, params[name], rule)

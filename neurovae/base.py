@@ -33,12 +33,13 @@ from neurovae._validation import (
     Interval,
     IntSequence,
     Options,
+    check_value,
     validate_params,
 )
 from neurovae.nn import (
     GaussianLatent,
     VAEModule,
-    infer_output_size,
+    dry_run,
     make_backbone,
     make_likelihood,
 )
@@ -57,7 +58,9 @@ from neurovae.training.optim import OPTIMIZERS
 
 _DTYPES = (np.float64, np.float32)
 _AUTO_BATCH = 200  # batch_size="auto" -> min(200, n_samples), as MLPRegressor
+_AUTO_VOXELS = 2**21  # ... and for volumes at most ~2M voxels per batch
 _INFERENCE_BATCH = 256
+_INFERENCE_VOXELS = 2**22  # inference batches hold at most ~4M values
 _GPU_RESIDENT_BYTES = 2**31  # in-memory data up to 2 GiB is copied to the GPU
 
 
@@ -146,40 +149,62 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------
     # shared building blocks
     # ------------------------------------------------------------------
+    def _dry_run(self, module: nn.Module, in_shape: tuple, role: str, maps: str):
+        """Output shape of ``module`` on one zero sample, or a clear error.
+
+        ``role`` and ``maps`` name the module and what it must do, for the
+        message raised when a (user) module cannot take its input.
+        """
+        try:
+            return dry_run(module, in_shape)
+        except Exception as exc:
+            raise ValueError(
+                f"{type(self).__name__}: the {role} must map {maps}; calling it "
+                f"failed with {type(exc).__name__}: {exc}"
+            ) from exc
+
     def _encoder_decoder(
         self, sample_shape: tuple[int, ...], n_components: int
     ) -> tuple[nn.Module, nn.Module, int]:
-        """Encoder, decoder and encoder output size for this estimator's backbone."""
+        """Encoder, decoder and encoder output size for this estimator's backbone.
+
+        The decoder is checked to produce samples of ``sample_shape``.
+        """
         backbone = self.backbone
         if _is_module_pair(backbone):
             encoder, decoder = (copy.deepcopy(m) for m in backbone)
-            try:
-                n_features = infer_output_size(encoder, sample_shape)
-            except Exception as exc:  # a user module: say what it must do
-                raise ValueError(
-                    f"{type(self).__name__}: the encoder must map a batch of "
-                    f"samples of shape (n, {', '.join(map(str, sample_shape))}) "
-                    f"to a tensor; calling it failed with {type(exc).__name__}: "
-                    f"{exc}"
-                ) from exc
-            return encoder, decoder, n_features
-        if backbone == "auto":
-            backbone = "mlp" if len(sample_shape) == 1 else "conv"
-        encoder, decoder = make_backbone(
-            backbone,
+        else:
+            if backbone == "auto":
+                backbone = "mlp" if len(sample_shape) == 1 else "conv"
+            encoder, decoder = make_backbone(
+                backbone,
+                sample_shape,
+                n_components,
+                hidden_layer_sizes=tuple(self.hidden_layer_sizes),
+                channels=tuple(self.channels),
+            )
+        shape = ", ".join(map(str, sample_shape))
+        encoded = self._dry_run(
+            encoder,
             sample_shape,
-            n_components,
-            hidden_layer_sizes=tuple(self.hidden_layer_sizes),
-            channels=tuple(self.channels),
+            "encoder",
+            f"a batch of samples of shape (n, {shape}) to a tensor",
         )
-        return encoder, decoder, infer_output_size(encoder, sample_shape)
+        maps = f"latent codes of shape (n, {n_components}) to samples (n, {shape})"
+        decoded = self._dry_run(decoder, (n_components,), "decoder", maps)
+        if decoded != tuple(sample_shape):
+            raise ValueError(
+                f"{type(self).__name__}: the decoder outputs samples of shape "
+                f"{decoded} but the input samples have shape {tuple(sample_shape)}."
+            )
+        return encoder, decoder, math.prod(encoded)
 
     def _vae_module(self, sample_shape: tuple[int, ...], stats: dict) -> VAEModule:
         """A :class:`~neurovae.nn.VAEModule` on this estimator's backbone."""
         encoder, decoder, n_features = self._encoder_decoder(
             sample_shape, self.n_components
         )
-        module = VAEModule(
+        return VAEModule(
             encoder,
             decoder,
             GaussianLatent(n_features, self.n_components),
@@ -191,31 +216,6 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 min_scale=stats.get("min_scale", 1e-3),
             ),
         )
-        module.beta = float(self.beta)
-        self._check_decoder(module, sample_shape)
-        return module
-
-    def _check_decoder(self, module: VAEModule, sample_shape: tuple) -> None:
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                out = module.decoder(torch.zeros(1, module.n_components))
-        except Exception as exc:  # a user module: say what it must do
-            raise ValueError(
-                f"{type(self).__name__}: the decoder must map latent codes of "
-                f"shape (n, {module.n_components}) to samples of shape "
-                f"(n, {', '.join(map(str, sample_shape))}); calling it failed "
-                f"with {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            module.train(was_training)
-        if tuple(out.shape[1:]) != tuple(sample_shape):
-            raise ValueError(
-                f"{type(self).__name__}: the decoder outputs samples of shape "
-                f"{tuple(out.shape[1:])} but the input samples have shape "
-                f"{tuple(sample_shape)}."
-            )
 
     # ------------------------------------------------------------------
     # input checking (the one input checker)
@@ -288,10 +288,9 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return (1, *shape) if len(shape) == 3 else tuple(shape)
 
     def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
-        # a copy: never aliases (possibly read-only) user memory
-        return torch.tensor(X, dtype=torch.float32).reshape(
-            X.shape[0], *self._sample_shape
-        )
+        # a float32 copy: never aliases (possibly read-only or strided) user memory
+        X = np.array(X, dtype=np.float32, order="C", copy=True)
+        return torch.from_numpy(X).reshape(X.shape[0], *self._sample_shape)
 
     def _to_output(self, values: torch.Tensor, dtype) -> np.ndarray:
         """Decoded samples back to the user's layout and dtype."""
@@ -300,12 +299,14 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _check_data(self, X: np.ndarray) -> None:
         """Checks that depend on parameters (override to add more)."""
-        if self.likelihood == "bernoulli" and (X.min() < 0 or X.max() > 1):
-            raise ValueError(
-                f"{type(self).__name__}: likelihood='bernoulli' needs data in "
-                f"[0, 1]; X ranges over [{X.min():g}, {X.max():g}]. Rescale it "
-                "(e.g. MinMaxScaler) or use likelihood='gaussian'."
-            )
+        if self.likelihood == "bernoulli":
+            low, high = X.min(), X.max()
+            if low < 0 or high > 1:
+                raise ValueError(
+                    f"{type(self).__name__}: likelihood='bernoulli' needs data in "
+                    f"[0, 1]; X ranges over [{low:g}, {high:g}]. Rescale it "
+                    "(e.g. MinMaxScaler) or use likelihood='gaussian'."
+                )
         if self.backbone in ("conv", "resnet") and len(self.input_shape_) == 1:
             raise ValueError(
                 f"{type(self).__name__}: backbone={self.backbone!r} needs volumes "
@@ -329,9 +330,27 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return int(check_random_state(random_state).randint(2**31 - 1))
 
     def _resolved_batch_size(self, n_samples: int) -> int:
-        if self.batch_size == "auto":
+        """``batch_size``, with "auto" bounded by samples and voxels."""
+        if self.batch_size != "auto":
+            return min(int(self.batch_size), n_samples)
+        if len(self.input_shape_) == 1:
             return min(_AUTO_BATCH, n_samples)
-        return min(int(self.batch_size), n_samples)
+        per_batch = max(1, _AUTO_VOXELS // self.n_features_in_)
+        return min(_AUTO_BATCH, per_batch, n_samples)
+
+    def _structure(self) -> tuple:
+        """The parameters the module is built from (``warm_start`` keeps them)."""
+        backbone = self.backbone
+        if _is_module_pair(backbone):
+            backbone = tuple(type(m).__name__ for m in backbone)
+        return (
+            self.n_components,
+            backbone,
+            tuple(self.hidden_layer_sizes),
+            tuple(self.channels),
+            self.likelihood,
+            self.likelihood_scale,
+        )
 
     def _engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -419,6 +438,13 @@ or (n_samples, channels, x, y, z)
         """
         validate_params(self, self._parameter_rules)
         warm = bool(self.warm_start) and hasattr(self, "module_")
+        if warm and getattr(self, "_built_from", None) != self._structure():
+            raise ValueError(
+                f"{type(self).__name__}: warm_start=True but parameters that "
+                "define the network (n_components, backbone, hidden_layer_sizes, "
+                "channels, likelihood, likelihood_scale) changed since the last "
+                "fit. Set warm_start=False to train a new network."
+            )
         if not warm:  # a failed fit must not leave a stale model looking fitted
             self.__dict__.pop("module_", None)
         X = self._check_X(X, reset=not warm)
@@ -428,9 +454,10 @@ or (n_samples, channels, x, y, z)
             self._seed = self._draw_seed(self.random_state)
             self._fit_dtype = X.dtype.name
         n_done = self.n_iter_ if warm else 0
-        init_seed, shuffle_seed = np.random.SeedSequence(
-            [self._seed, n_done]
-        ).generate_state(2)
+        init_seed, shuffle_seed, noise_seed = (
+            int(v)
+            for v in np.random.SeedSequence([self._seed, n_done]).generate_state(3)
+        )
         train_tensors, val_tensors = self._split(
             self._training_tensors(X, y), self._seed
         )
@@ -438,31 +465,29 @@ or (n_samples, channels, x, y, z)
         val = None
         if val_tensors is not None:
             val = self._batches(val_tensors, device, shuffle=False)
-        with local_rng(int(init_seed), device):
-            if warm:
-                module = self.module_
-            else:
+        if warm:  # train a copy: a failed or interrupted fit changes nothing
+            module = copy.deepcopy(self.module_)
+        else:
+            with local_rng(init_seed):
                 module = self._build_module(
                     self._sample_shape, self._data_stats(train_tensors[0])
                 )
-            module.to(device)
-            engine = Engine(
-                module,
-                self._engine_config(),
-                device,
-                schedules=self._schedules(),
-                hooks=self._hooks(),
-            )
-            result = engine.fit(
-                train,
-                val,
-                history=self.history_ if warm else {},
-                start_epoch=n_done,
-            )
+        module.to(device)
+        module.generator = torch.Generator(device=device).manual_seed(noise_seed)
+        engine = Engine(
+            module,
+            self._engine_config(),
+            device,
+            schedules=self._schedules(),
+            hooks=self._hooks(),
+        )
+        history = {k: list(v) for k, v in self.history_.items()} if warm else {}
+        result = engine.fit(train, val, history=history, start_epoch=n_done)
         self.module_ = module
         self.history_ = result.history
         self.n_iter_ = n_done + result.n_epochs
         self.best_epoch_ = result.best_epoch
+        self._built_from = self._structure()
         return self
 
     # ------------------------------------------------------------------
@@ -481,16 +506,25 @@ or (n_samples, channels, x, y, z)
         return param.device if param is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def _batched(self, fn, tensor: torch.Tensor) -> torch.Tensor:
-        """Apply ``fn`` batch by batch in eval mode; results on the CPU."""
+    def _batched(self, fn, data) -> torch.Tensor:
+        """Apply ``fn`` batch by batch in eval mode; results on the CPU.
+
+        ``data`` is a tensor, or an array of user samples converted one batch
+        at a time, so memory holds one batch, not a float32 copy of all of X.
+        """
         module = self.module_
         module.eval()
         device = self._module_device()
+        # encoding reads, decoding writes full samples: budget by the larger
+        per_sample = max(math.prod(data.shape[1:]), self.n_features_in_, 1)
+        batch_size = max(1, min(_INFERENCE_BATCH, _INFERENCE_VOXELS // per_sample))
         outputs = []
-        for start in range(0, tensor.shape[0], _INFERENCE_BATCH):
-            batch = tensor[start : start + _INFERENCE_BATCH].to(device)
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[start : start + batch_size]
+            if isinstance(batch, np.ndarray):
+                batch = self._to_tensor(batch)
             with autocast(device, self.precision):
-                out = fn(batch)
+                out = fn(batch.to(device))
             outputs.append(out.float().cpu())
         return torch.cat(outputs)
 
@@ -509,7 +543,7 @@ or (n_samples, channels, x, y, z)
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
-        mu = self._batched(lambda b: self.module_.encode(b)[0], self._to_tensor(X))
+        mu = self._batched(lambda b: self.module_.encode(b)[0], X)
         return mu.numpy().astype(X.dtype, copy=False)
 
     def _check_Z(self, Z) -> np.ndarray:
@@ -560,17 +594,10 @@ or (n_samples, channels, x, y, z)
             Samples shaped as the training data, in the training dtype.
         """
         check_is_fitted(self)
-        if (
-            not isinstance(n_samples, numbers.Integral)
-            or isinstance(n_samples, bool)
-            or n_samples < 1
-        ):
-            raise ValueError(f"n_samples must be a positive int; got {n_samples!r}")
-        if not _is_random_state(random_state):
-            raise ValueError(
-                "random_state must be None, an int in [0, 2**32) or a "
-                f"RandomState; got {random_state!r}"
-            )
+        check_value(self, "n_samples", n_samples, Interval(int, 1))
+        check_value(
+            self, "random_state", random_state, self._parameter_rules["random_state"]
+        )
         generator = torch.Generator().manual_seed(self._draw_seed(random_state))
         z = torch.randn(int(n_samples), self.module_.n_components, generator=generator)
         return self._to_output(self._batched(self.module_.decode, z), self._fit_dtype)
@@ -579,9 +606,10 @@ or (n_samples, channels, x, y, z)
         """Evidence lower bound (ELBO) of each sample, in nats.
 
         The expectation over the posterior is estimated with one draw of the
-        reparameterisation noise, the same fixed draw for every sample (seeded
-        by ``random_state``), so scores are deterministic and do not depend on
-        which other samples are scored with them.
+        reparameterisation noise, the same fixed draw for every sample (drawn
+        at initialisation under ``random_state`` and saved with the weights),
+        so scores are deterministic and do not depend on which other samples
+        are scored with them.
 
         Parameters
         ----------
@@ -595,14 +623,7 @@ or (n_samples, channels, x, y, z)
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
-        generator = torch.Generator().manual_seed(self._seed)
-        eps = torch.randn(1, self.module_.n_components, generator=generator)
-
-        def elbo(batch):
-            noise = eps.to(batch.device).expand(batch.shape[0], -1)
-            return self.module_.elbo(batch, noise)
-
-        return self._batched(elbo, self._to_tensor(X)).numpy().astype(np.float64)
+        return self._batched(self.module_.elbo, X).numpy().astype(np.float64)
 
     def score(self, X, y=None) -> float:
         """Mean ELBO per sample (higher is better, as scikit-learn expects).
@@ -623,13 +644,16 @@ or (n_samples, channels, x, y, z)
     # ------------------------------------------------------------------
     # persistence
     # ------------------------------------------------------------------
+    def _module_state(self) -> dict[str, torch.Tensor]:
+        """The fitted module's weights as CPU tensors (for pickle and ``save``)."""
+        return {
+            k: v.detach().cpu().clone() for k, v in self.module_.state_dict().items()
+        }
+
     def __getstate__(self):
         state = dict(super().__getstate__())  # may be self.__dict__ itself
-        module = state.pop("module_", None)
-        if module is not None:
-            state["_module_state"] = {
-                k: v.detach().cpu().clone() for k, v in module.state_dict().items()
-            }
+        if state.pop("module_", None) is not None:
+            state["_module_state"] = self._module_state()
         return state
 
     def __setstate__(self, state):
@@ -641,9 +665,12 @@ or (n_samples, channels, x, y, z)
     def _restore_module(self, module_state: dict[str, torch.Tensor]) -> nn.Module:
         """Rebuild the fitted module from its weights (on CPU, or on the
         estimator's device where that device exists)."""
-        with local_rng(0, torch.device("cpu")):
+        with local_rng(0):
             module = self._build_module(self._sample_shape, {})
         module.load_state_dict(module_state)
+        for name, schedule in self._schedules().items():
+            setattr(module, name, schedule.final)
+        self._built_from = self._structure()
         try:
             device = resolve_device(self.device)
         except ValueError:

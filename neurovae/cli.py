@@ -32,12 +32,9 @@ def _demo(args: argparse.Namespace) -> int:
         f"neurovae demo: digits, {X_train.shape[0]} train / {X_test.shape[0]} "
         f"test images of {X.shape[1]} pixels, {k} latent components"
     )
-    vae = VAE(
-        n_components=k,
-        max_iter=args.max_iter,
-        random_state=args.random_state,
-        verbose=args.verbose,
-    )
+    vae = VAE(n_components=k, random_state=args.random_state, verbose=args.verbose)
+    if args.max_iter is not None:
+        vae.set_params(max_iter=args.max_iter)
     tic = time.perf_counter()
     vae.fit(X_train)
     fit_time = time.perf_counter() - tic
@@ -80,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         "next to PCA.",
     )
     demo.add_argument("--n-components", type=int, default=8)
-    demo.add_argument("--max-iter", type=int, default=200, help="epochs")
+    demo.add_argument(
+        "--max-iter", type=int, default=None, help="epochs (default: VAE's default)"
+    )
     demo.add_argument("--random-state", type=int, default=0)
     demo.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2))
     demo.set_defaults(func=_demo)
@@ -102,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     for name in ("n_components", "max_iter"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args.func(args)
 

@@ -9,6 +9,7 @@ metadata travel as JSON text; the weights as a state dict of CPU tensors.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 
@@ -27,6 +28,14 @@ _KEYS = {
     "state_dict",
 }
 # fitted attributes stored in the JSON part (the module is the state dict)
+_REQUIRED = (
+    "n_features_in_",
+    "input_shape_",
+    "n_iter_",
+    "history_",
+    "_seed",
+    "_fit_dtype",
+)
 _FITTED = (
     "n_features_in_",
     "feature_names_in_",
@@ -69,6 +78,42 @@ def _from_json(value):
     if isinstance(value, list):
         return tuple(_from_json(v) for v in value)
     return value
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_fitted_values(fitted: dict) -> None:
+    """Types and ranges of the fitted attributes read from a file."""
+    shape = fitted["input_shape_"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) in (1, 3, 4)
+        and all(_is_int(s, 1) for s in shape)
+    ):
+        raise ValueError(f"input_shape_ must be 1, 3 or 4 positive ints; got {shape}")
+    if fitted["n_features_in_"] != math.prod(shape):
+        raise ValueError("n_features_in_ does not match input_shape_")
+    if not (_is_int(fitted["n_iter_"]) and _is_int(fitted["_seed"])):
+        raise ValueError("n_iter_ and _seed must be non-negative ints")
+    if fitted["_fit_dtype"] not in ("float32", "float64"):
+        raise ValueError("_fit_dtype must be float32 or float64")
+    history = fitted["history_"]
+    if not isinstance(history, dict) or not all(
+        isinstance(v, list) for v in history.values()
+    ):
+        raise ValueError("history_ must map names to lists")
+    names = fitted.get("feature_names_in_")
+    if names is not None and not (
+        isinstance(names, list)
+        and len(names) == fitted["n_features_in_"]
+        and all(isinstance(n, str) for n in names)
+    ):
+        raise ValueError("feature_names_in_ must be one string per feature")
+    best = fitted.get("best_epoch_")
+    if best is not None and not _is_int(best):
+        raise ValueError("best_epoch_ must be a non-negative int or None")
 
 
 def save(estimator, path) -> None:
@@ -114,15 +159,17 @@ def save(estimator, path) -> None:
         "estimator": name,
         "params": json.dumps(params),
         "fitted": json.dumps(fitted),
-        "state_dict": {
-            k: v.detach().cpu().contiguous()
-            for k, v in estimator.module_.state_dict().items()
-        },
+        "state_dict": estimator._module_state(),
     }
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load(path):
@@ -154,6 +201,7 @@ def load(path):
     See :func:`neurovae.persistence.save`.
     """
     import neurovae
+    from neurovae._validation import validate_params
     from neurovae.base import BaseVAE
 
     try:
@@ -165,7 +213,9 @@ def load(path):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise ValueError(f"{path!s} is not a neurovae model file")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path!s} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{path!s} has format version {version!r}; this neurovae "
             f"({neurovae.__version__}) reads versions up to {FORMAT_VERSION}. "
@@ -182,23 +232,45 @@ def load(path):
     cls = getattr(neurovae, name, None) if name in neurovae.__all__ else None
     if not (isinstance(cls, type) and issubclass(cls, BaseVAE)):
         raise ValueError(f"{path!s} holds an unknown estimator {name!r}")
-    params = {k: _from_json(v) for k, v in json.loads(payload["params"]).items()}
+    try:
+        params = json.loads(payload["params"])
+        fitted = json.loads(payload["fitted"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!s}: unreadable parameters ({exc})") from exc
+    if not (isinstance(params, dict) and isinstance(fitted, dict)):
+        raise ValueError(f"{path!s}: parameters and fitted attributes must be dicts")
+    params = {k: _from_json(v) for k, v in params.items()}
     valid = set(cls().get_params(deep=False))
     if set(params) - valid:
         raise ValueError(
             f"{path!s}: unknown parameters for {name}: {sorted(set(params) - valid)}"
         )
-    fitted = json.loads(payload["fitted"])
     if set(fitted) - set(_FITTED):
         raise ValueError(
             f"{path!s}: unknown fitted attributes {sorted(set(fitted) - set(_FITTED))}"
         )
+    missing = [k for k in _REQUIRED if k not in fitted]
+    if missing:
+        raise ValueError(f"{path!s}: missing fitted attributes {missing}")
     estimator = cls(**params)
+    try:
+        validate_params(estimator, cls._parameter_rules)
+        _check_fitted_values(fitted)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!s}: invalid model description: {exc}") from exc
     for key, value in fitted.items():
         if key == "input_shape_":
             value = tuple(value)
         elif key == "feature_names_in_":
             value = np.asarray(value, dtype=object)
         setattr(estimator, key, value)
-    estimator.module_ = estimator._restore_module(payload["state_dict"])
+    state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!s}: the weights are not a state dict")
+    try:
+        estimator.module_ = estimator._restore_module(state)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"{path!s}: the weights do not fit the described model: {exc}"
+        ) from exc
     return estimator

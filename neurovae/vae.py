@@ -20,7 +20,7 @@ default="auto"
         the output (the mean, or logits for "bernoulli") of the input's shape.
         Both see ``(n, x, y, z)`` volumes with a channel axis,
         ``(n, 1, x, y, z)``.
-    hidden_layer_sizes : tuple of int, default=(512, 256)
+    hidden_layer_sizes : tuple of int, default=(256, 128)
         Hidden widths of the "mlp" encoder; the decoder mirrors them.
     channels : tuple of int, default=(16, 32, 64)
         Channels of each level of the "conv" and "resnet" backbones.
@@ -37,11 +37,12 @@ default="auto"
     weight_decay : float, default=0.0
         Weight decay of the optimiser (decoupled for "adamw").
     max_grad_norm : float or None, default=None
-        Clip the gradient norm to this value; steps whose gradient norm is not
-        finite are skipped.
+        Clip the gradient norm to this value, and skip steps whose gradient
+        norm is not finite. Steps whose loss is not finite are always skipped
+        (and counted in ``history_["n_skipped"]``).
     batch_size : int or "auto", default="auto"
         Minibatch size; "auto" is ``min(200, n_samples)``.
-    max_iter : int, default=200
+    max_iter : int, default=300
         Number of epochs (passes over the training data).
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the data, stop when the
@@ -135,7 +136,7 @@ class VAE(BaseVAE):
         n_components=8,
         *,
         backbone="auto",
-        hidden_layer_sizes=(512, 256),
+        hidden_layer_sizes=(256, 128),
         channels=(16, 32, 64),
         likelihood="gaussian",
         likelihood_scale="global",
@@ -145,7 +146,7 @@ class VAE(BaseVAE):
         weight_decay=0.0,
         max_grad_norm=None,
         batch_size="auto",
-        max_iter=200,
+        max_iter=300,
         early_stopping=False,
         validation_fraction=0.1,
         n_iter_no_change=10,
@@ -194,7 +195,8 @@ class BetaVAE(VAE):
     schedule (linear warm-up, or cyclical annealing as in Fu et al. 2019),
     or be replaced by controlled capacity (Burgess et al. 2018): the objective
     ``recon + gamma * |KL - C|`` with the target ``C`` rising linearly from 0
-    to ``capacity`` nats over ``warmup_iter`` epochs.
+    to ``capacity`` nats over ``capacity_iter`` epochs (by default, the whole
+    training).
 
     Parameters
     ----------
@@ -208,12 +210,16 @@ class BetaVAE(VAE):
         epochs; "cyclical" repeats ``n_cycles`` ramps over ``max_iter``
         epochs, each rising over the first half of its cycle.
     warmup_iter : int, default=10
-        Epochs of the linear ramp (of ``beta``, or of the capacity).
+        Epochs of the linear ramp of ``beta``.
     n_cycles : int, default=4
         Number of cycles of the "cyclical" schedule.
     capacity : float or None, default=None
         Final KL target in nats; when set, ``beta`` and ``beta_schedule`` are
         not used.
+    capacity_iter : int or None, default=None
+        Epochs over which the KL target rises from 0 to ``capacity``; None
+        spreads the rise over the whole training (``max_iter``), as in
+        Burgess et al.
     gamma : float, default=100.0
         Weight of ``|KL - C|`` under controlled capacity.
 
@@ -243,6 +249,7 @@ class BetaVAE(VAE):
         "warmup_iter": Interval(int, 1),
         "n_cycles": Interval(int, 1),
         "capacity": Interval(float, 0.0, none_ok=True),
+        "capacity_iter": Interval(int, 1, none_ok=True),
         "gamma": Interval(float, 0.0),
     }
 
@@ -251,7 +258,7 @@ class BetaVAE(VAE):
         n_components=8,
         *,
         backbone="auto",
-        hidden_layer_sizes=(512, 256),
+        hidden_layer_sizes=(256, 128),
         channels=(16, 32, 64),
         likelihood="gaussian",
         likelihood_scale="global",
@@ -260,13 +267,14 @@ class BetaVAE(VAE):
         warmup_iter=10,
         n_cycles=4,
         capacity=None,
+        capacity_iter=None,
         gamma=100.0,
         optimizer="adam",
         learning_rate_init=1e-3,
         weight_decay=0.0,
         max_grad_norm=None,
         batch_size="auto",
-        max_iter=200,
+        max_iter=300,
         early_stopping=False,
         validation_fraction=0.1,
         n_iter_no_change=10,
@@ -305,12 +313,15 @@ class BetaVAE(VAE):
         self.warmup_iter = warmup_iter
         self.n_cycles = n_cycles
         self.capacity = capacity
+        self.capacity_iter = capacity_iter
         self.gamma = gamma
 
     def _schedules(self) -> dict[str, Schedule]:
         if self.capacity is not None:
             return {
-                "capacity": Linear(self.capacity, warmup_iter=self.warmup_iter),
+                "capacity": Linear(
+                    self.capacity, warmup_iter=self.capacity_iter or self.max_iter
+                ),
                 "gamma": Constant(self.gamma),
             }
         return {

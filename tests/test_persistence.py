@@ -341,3 +341,68 @@ def test_non_finite_history_values_survive(fitted, tmp_path):
     values = load(path).history_["val_loss"]
     assert np.isnan(values[0])
     assert values[1:] == [float("inf"), 1.5]
+
+
+def _tampered(fitted, tmp_path, *, params=None, fitted_attrs=None, **entries):
+    """Save ``fitted``, then rewrite parts of its JSON or its entries."""
+    path = tmp_path / "model.nvae"
+    fitted.save(path)
+    payload = torch.load(path, weights_only=True)
+    if params is not None:
+        payload["params"] = json.dumps({**json.loads(payload["params"]), **params})
+    if fitted_attrs is not None:
+        attrs = {**json.loads(payload["fitted"]), **fitted_attrs}
+        payload["fitted"] = json.dumps({k: v for k, v in attrs.items() if v != "DEL"})
+    payload.update(entries)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(params={"n_components": -3}), "'n_components' must be"),
+        (dict(params={"hidden_layer_sizes": [8, "a"]}), "'hidden_layer_sizes'"),
+        (dict(params={"likelihood": "poisson"}), "'likelihood' must be"),
+        (dict(params="5"), "must be dicts"),
+        (dict(fitted_attrs={"_seed": "DEL"}), "missing fitted attributes.*_seed"),
+        (dict(fitted_attrs={"input_shape_": [6, 0]}), "input_shape_"),
+        (dict(fitted_attrs={"n_features_in_": 7}), "n_features_in_"),
+        (dict(fitted_attrs={"n_iter_": True}), "n_iter_"),
+        (dict(fitted_attrs={"_fit_dtype": "int8"}), "_fit_dtype"),
+        (dict(format_version=True), "invalid format version"),
+        (dict(state_dict={}), "weights do not fit"),
+        (dict(state_dict=[1, 2]), "not a state dict"),
+    ],
+    ids=lambda v: str(v)[:40] if isinstance(v, dict) else None,
+)
+def test_tampered_files_are_refused_clearly(change, match, fitted, tmp_path):
+    if change.get("params") == "5":  # not a JSON object at all
+        path = _tampered(fitted, tmp_path, **{**change, "params": None})
+        _resave(path, params="5")
+    else:
+        path = _tampered(fitted, tmp_path, **change)
+    with pytest.raises(ValueError, match=match):
+        load(path)
+
+
+def test_mismatched_weights_are_refused(fitted, tmp_path):
+    path = tmp_path / "model.nvae"
+    fitted.save(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = torch.zeros(3, 3)
+    _resave(path, state_dict=state)
+    with pytest.raises(ValueError, match="weights do not fit"):
+        load(path)
+
+
+def test_training_objective_survives_persistence(X, small, tmp_path):
+    # scheduled weights are module state too: a restored capacity BetaVAE
+    # must evaluate the same objective as the fitted one
+    est = BetaVAE(n_components=2, capacity=5.0, gamma=10.0, **small).fit(X)
+    path = tmp_path / "model.nvae"
+    est.save(path)
+    for other in (pickle.loads(pickle.dumps(est)), load(path)):
+        assert other.module_.capacity == est.module_.capacity == 5.0
+        assert other.module_.gamma == est.module_.gamma == 10.0

@@ -115,7 +115,7 @@ def batches(tensors, batch_size, seed=None):
 
 
 def seeded(cls, *args, seed=0):
-    with local_rng(seed, CPU):
+    with local_rng(seed):
         return cls(*args)
 
 
@@ -350,6 +350,70 @@ def test_non_finite_gradient_is_skipped_with_max_grad_norm():
     assert module.w.item() != 0.0  # the finite steps were taken
 
 
+class SqrtAbs(Quadratic):
+    """sqrt(|w|) at w = 0: the loss is finite (0) but its gradient is not."""
+
+    def forward(self, batch):
+        return {"loss": self.w.abs().sqrt().sum() + 0 * batch[0].sum()}
+
+
+def test_infinite_gradient_is_skipped_with_clipping():
+    module = SqrtAbs()
+    config = EngineConfig(max_iter=1, max_grad_norm=1.0, max_consecutive_skips=3)
+    with pytest.raises(DivergenceError, match="non-finite loss or gradient"):
+        Engine(module, config, CPU).fit(batches((torch.ones(8),), 2))
+    assert module.w.item() == 0.0  # the infinite gradient never reached w
+
+
+def test_infinite_gradient_without_clipping_stops_with_advice():
+    # unchecked, the step makes w NaN; the NaN losses that follow are skipped
+    # and the run stops with an error that names max_grad_norm
+    module = SqrtAbs()
+    config = EngineConfig(max_iter=3, max_consecutive_skips=3)
+    with pytest.raises(DivergenceError, match="max_grad_norm"):
+        Engine(module, config, CPU).fit(batches((torch.ones(8),), 2))
+
+
+def test_validation_loss_is_deterministic():
+    # a VAE's validation loss uses fixed posterior noise in eval mode: the
+    # same weights give the same figure, whatever was drawn in training
+    from neurovae.nn import GaussianLatent, VAEModule, make_backbone, make_likelihood
+
+    with local_rng(0):
+        enc, dec = make_backbone("mlp", (5,), 2, hidden_layer_sizes=(8,))
+        module = VAEModule(
+            enc, dec, GaussianLatent(8, 2), make_likelihood("gaussian", (5,))
+        )
+    engine = Engine(module, EngineConfig(max_iter=1), CPU)
+    val = batches((torch.randn(12, 5, generator=torch.Generator().manual_seed(1)),), 5)
+    first = engine.evaluate(val)
+    torch.randn(100)  # move the global generator on
+    assert engine.evaluate(val) == first
+
+
+def test_validation_without_early_stopping_keeps_the_last_epoch():
+    recorder = Recorder()
+    module = DriftingValidation()
+    config = EngineConfig(max_iter=12, learning_rate_init=0.2, optimizer="sgd")
+    data = batches((torch.zeros(4),), 4)
+    result = Engine(module, config, CPU, hooks=[recorder]).fit(data, data)
+    val_loss = result.history["val_loss"]
+    assert int(torch.tensor(val_loss).argmin()) < 11  # the curve has turned up
+    assert result.best_epoch == 11
+    assert states_equal(module.state_dict(), recorder.states[-1])
+
+
+def test_keyboard_interrupt_in_the_first_epoch_propagates():
+    class Interrupt(Hook):
+        def after_step(self, engine, batch, outputs):
+            raise KeyboardInterrupt
+
+    config = EngineConfig(max_iter=3)
+    engine = Engine(Quadratic(), config, CPU, hooks=[Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(batches((torch.ones(8),), 4))
+
+
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5])
 def test_gradient_clipping_bounds_the_update(max_grad_norm):
     class GradNorms(Hook):
@@ -523,11 +587,11 @@ def test_resolve_device_garbage(device):
 
 def test_local_rng_is_reproducible_and_leaves_global_state():
     before = torch.get_rng_state()
-    with local_rng(3, CPU):
+    with local_rng(3):
         a = torch.randn(5)
-    with local_rng(3, CPU):
+    with local_rng(3):
         b = torch.randn(5)
-    with local_rng(4, CPU):
+    with local_rng(4):
         c = torch.randn(5)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)

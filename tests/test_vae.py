@@ -362,12 +362,12 @@ def test_early_stopping_restores_the_best_epoch(small):
         n_components=2,
         early_stopping=True,
         n_iter_no_change=50,
-        learning_rate_init=0.01,
+        learning_rate_init=0.03,
         batch_size=8,
     )
-    est = VAE(**{**params, "max_iter": 8}).fit(X)
+    est = VAE(**{**params, "max_iter": 12}).fit(X)
     val_loss = est.history_["val_loss"]
-    assert len(val_loss) == est.n_iter_ == 8
+    assert len(val_loss) == est.n_iter_ == 12
     assert "val_recon" in est.history_ and "val_kl" in est.history_
     assert est.best_epoch_ == int(np.argmin(val_loss))
     assert est.best_epoch_ < est.n_iter_ - 1  # else the test proves nothing
@@ -427,6 +427,81 @@ def test_keyboard_interrupt_keeps_the_last_complete_epoch(X, small):
     assert _same_state(_state(est), _state(two))
 
 
+def test_keyboard_interrupt_in_the_first_epoch_leaves_no_model(X, small):
+    est = VAE(
+        n_components=2, backbone=(_InterruptingEncoder(1), nn.Linear(2, 6)), **small
+    )
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(X)
+    with pytest.raises(NotFittedError):
+        est.transform(X)
+
+
+def test_failed_warm_fit_changes_nothing(X, small, monkeypatch):
+    from neurovae.training import DivergenceError, Engine
+
+    est = VAE(n_components=2, warm_start=True, **small).fit(X)
+    state, history, n_iter = _state(est), copy.deepcopy(est.history_), est.n_iter_
+    original, calls = Engine._train_epoch, []
+
+    def diverge_in_second_epoch(self, batches):
+        calls.append(None)
+        if len(calls) == 2:
+            raise DivergenceError("diverged")
+        return original(self, batches)
+
+    monkeypatch.setattr(Engine, "_train_epoch", diverge_in_second_epoch)
+    with pytest.raises(DivergenceError):
+        est.fit(X)
+    assert len(calls) == 2  # one epoch of the warm fit was trained, then failed
+    assert _same_state(state, _state(est))
+    assert est.history_ == history
+    assert est.n_iter_ == n_iter
+
+
+def test_warm_start_refuses_a_changed_network(X, small):
+    est = VAE(n_components=2, warm_start=True, **small).fit(X)
+    est.set_params(n_components=3)
+    with pytest.raises(ValueError, match="warm_start=True but parameters"):
+        est.fit(X)
+    est.set_params(n_components=2, max_iter=1)  # training settings may change
+    est.fit(X)
+    assert est.n_iter_ == small["max_iter"] + 1
+
+
+def test_concurrent_fits_in_threads(X, small):
+    # fits in threads neither disturb each other's seeds nor the global state
+    from concurrent.futures import ThreadPoolExecutor
+
+    serial = _state(VAE(n_components=2, **small).fit(X))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: VAE(n_components=2, **small).fit(X), range(4)))
+    assert all(_same_state(serial, _state(m)) for m in models)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize(
+    "input_shape, n_samples, expected",
+    [
+        ((64,), 500, 200),
+        ((64,), 30, 30),
+        ((32, 32, 32), 500, 64),
+        ((2, 32, 32, 32), 500, 32),
+        ((91, 109, 91), 500, 2),
+        ((300, 300, 300), 9, 1),
+    ],
+)
+def test_auto_batch_size_bounds_the_voxels(input_shape, n_samples, expected):
+    # batch_size="auto" is MLPRegressor's min(200, n) for features, and holds
+    # about 2 million voxels for volumes, so brain-sized data fits in memory
+    est = VAE()
+    est.input_shape_ = input_shape
+    est.n_features_in_ = int(np.prod(input_shape))
+    assert est._resolved_batch_size(n_samples) == expected
+
+
 def test_early_stopping_needs_enough_samples(X, small):
     est = VAE(n_components=2, early_stopping=True, validation_fraction=0.9, **small)
     with pytest.raises(ValueError, match="validation_fraction"):
@@ -470,12 +545,21 @@ def test_beta_cyclical_schedule(X, small):
     assert est.history_["beta"] == pytest.approx([2.0, 4.0, 4.0, 2.0, 4.0, 4.0])
 
 
+def test_capacity_rises_over_the_whole_training_by_default(X, small):
+    # one step per epoch: the logged target is C(epoch) = capacity * epoch / max_iter
+    est = BetaVAE(
+        n_components=2, capacity=4.0, **{**small, "max_iter": 4, "batch_size": 40}
+    ).fit(X)
+    assert est.history_["capacity"] == pytest.approx([0.0, 1.0, 2.0, 3.0])
+    assert est.module_.capacity == 4.0  # the final target after training
+
+
 def test_capacity(X, small):
     est = BetaVAE(
         n_components=2,
         capacity=5.0,
         gamma=10.0,
-        warmup_iter=2,
+        capacity_iter=2,
         **{**small, "max_iter": 4, "batch_size": 10},
     ).fit(X)
     capacity = est.history_["capacity"]

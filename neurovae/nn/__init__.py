@@ -12,6 +12,7 @@ from neurovae.nn.backbones import (
     MLPEncoder,
     ResNetDecoder3d,
     ResNetEncoder3d,
+    dry_run,
     infer_output_size,
     make_backbone,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ResNetDecoder3d",
     "ResNetEncoder3d",
     "VAEModule",
+    "dry_run",
     "infer_output_size",
     "make_backbone",
     "kl_standard_normal",

@@ -53,23 +53,42 @@ def level_shapes(spatial_shape: Sequence[int], n_levels: int) -> list[tuple]:
 
 
 @torch.no_grad()
-def infer_output_size(module: nn.Module, sample_shape: Sequence[int]) -> int:
-    """Number of values per sample that ``module`` outputs for ``sample_shape``.
+def dry_run(module: nn.Module, in_shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of one output sample of ``module`` for input samples of ``in_shape``.
 
-    Runs the module once on a zero batch of one sample, in eval mode, so that
-    a user encoder needs no declared output size.
+    Runs the module once on a zero batch of one sample, on the module's
+    device and in eval mode (restored afterwards), so that shapes of user
+    modules need not be declared.
+
+    Examples
+    --------
+    >>> dry_run(nn.Linear(3, 5), (3,))
+    (5,)
     """
     was_training = module.training
     module.eval()
     try:
         param = next(module.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        out = module(torch.zeros((1, *sample_shape), device=device))
+        out = module(torch.zeros((1, *in_shape), device=device))
     finally:
         module.train(was_training)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the encoder must return a tensor, got {type(out).__name__}")
-    return int(out[0].numel())
+        raise TypeError(f"the module must return a tensor, got {type(out).__name__}")
+    return tuple(int(s) for s in out.shape[1:])
+
+
+def infer_output_size(module: nn.Module, sample_shape: Sequence[int]) -> int:
+    """Number of values per sample that ``module`` outputs for ``sample_shape``.
+
+    Used to size the latent head after a user encoder of unknown output.
+
+    Examples
+    --------
+    >>> infer_output_size(nn.Flatten(), (2, 3, 4))
+    24
+    """
+    return math.prod(dry_run(module, sample_shape))
 
 
 class MLPEncoder(nn.Module):

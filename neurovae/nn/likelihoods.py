@@ -76,8 +76,6 @@ class GaussianLikelihood(_LearnedScaleLikelihood):
         scale = self.scale
         z = (x - out.float()) / scale
         per_feature = -0.5 * z.pow(2) - torch.log(scale) - 0.5 * _LOG_2PI
-        if per_feature.shape != x.shape:  # global scale: broadcast log term
-            per_feature = per_feature.expand_as(x)
         return per_feature.flatten(1).sum(dim=1)
 
 
@@ -92,8 +90,6 @@ class LaplaceLikelihood(_LearnedScaleLikelihood):
         """Log-likelihood of each sample of ``x``, summed over its features."""
         scale = self.scale
         per_feature = -(x - out.float()).abs() / scale - torch.log(2.0 * scale)
-        if per_feature.shape != x.shape:
-            per_feature = per_feature.expand_as(x)
         return per_feature.flatten(1).sum(dim=1)
 
 

@@ -29,6 +29,14 @@ class VAEModule(nn.Module):
 
     Attributes
     ----------
+    generator : torch.Generator or None
+        Source of the reparameterisation noise in training mode (on the
+        module's device); None draws from torch's global generator.
+    eval_noise : torch.Tensor of shape (1, n_components)
+        A fixed standard-normal draw (a buffer, saved with the weights) used
+        as the reparameterisation noise of every sample in eval mode, so that
+        validation losses and scores are deterministic and do not depend on
+        which other samples share the batch.
     beta : float
         Weight of the KL term, set by the engine's schedule.
     capacity : float or None
@@ -50,6 +58,8 @@ class VAEModule(nn.Module):
         self.decoder = decoder
         self.latent = latent
         self.likelihood = likelihood
+        self.generator: torch.Generator | None = None
+        self.register_buffer("eval_noise", torch.randn(1, latent.n_components))
         self.beta = 1.0
         self.capacity: float | None = None
         self.gamma = 1.0
@@ -71,12 +81,18 @@ class VAEModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample negative log-likelihood and KL for one posterior draw.
 
-        ``eps`` is the standard-normal noise of the reparameterisation; drawn
-        from the global generator when not given (the engine seeds it).
+        ``eps`` is the standard-normal noise of the reparameterisation. When
+        not given it is drawn from :attr:`generator` in training mode and is
+        :attr:`eval_noise` for every sample in eval mode.
         """
         mu, logvar = self.encode(x)
         if eps is None:
-            eps = torch.randn_like(mu)
+            if self.training:
+                eps = torch.randn(
+                    mu.shape, generator=self.generator, device=mu.device, dtype=mu.dtype
+                )
+            else:
+                eps = self.eval_noise.to(mu.dtype).expand_as(mu)
         z = mu + torch.exp(0.5 * logvar) * eps
         nll = -self.likelihood.log_prob(x, self.decoder(z))
         return nll, kl_standard_normal(mu.float(), logvar.float())
@@ -94,7 +110,7 @@ class VAEModule(nn.Module):
     def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         return self.loss(batch)
 
-    def elbo(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Per-sample evidence lower bound with the given posterior noise."""
+    def elbo(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample evidence lower bound (one posterior draw, see :meth:`terms`)."""
         nll, kl = self.terms(x, eps)
         return -(nll + kl)

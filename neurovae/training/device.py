@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -60,21 +61,29 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
 
 
-@contextlib.contextmanager
-def local_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's generators for a block and restore them afterwards.
+_RNG_LOCK = threading.Lock()
 
-    Code that draws from the global generators (``torch.randn_like`` in the
-    reparameterisation, dropout in a user module) becomes deterministic under
-    ``seed`` while the caller's global random state is left untouched.
+
+@contextlib.contextmanager
+def local_rng(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU generator for a block, then restore it.
+
+    For code that can only draw from the global generator, such as the weight
+    initialisation of ``torch.nn`` layers: it becomes deterministic under
+    ``seed`` and the caller's random state is left as it was. Blocks are
+    serialised by a lock, so concurrent fits in threads do not interleave
+    their seeds. Keep the block short (build modules on the CPU inside it);
+    training draws from explicit generators instead.
+
+    Examples
+    --------
+    >>> with local_rng(0):
+    ...     a = torch.randn(2)
+    >>> with local_rng(0):
+    ...     b = torch.randn(2)
+    >>> bool(torch.equal(a, b))
+    True
     """
-    devices = []
-    if device.type == "cuda":  # fork_rng needs an index; "cuda" means the current
-        index = device.index
-        devices = [torch.cuda.current_device() if index is None else index]
-    with torch.random.fork_rng(devices=devices):
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
         yield
