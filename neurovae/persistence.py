@@ -198,7 +198,18 @@ def load(path):
 
     Examples
     --------
-    See :func:`neurovae.persistence.save`.
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from neurovae import VAE, load
+    >>> X = np.random.default_rng(0).normal(size=(40, 5))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.nvae")
+    >>> VAE(n_components=2, max_iter=2, random_state=0).fit(X).save(path)
+    >>> model = load(path)
+    >>> model.transform(X[:3]).shape
+    (3, 2)
+    >>> import torch  # the file holds only tensors and plain values
+    >>> sorted(torch.load(path, weights_only=True))[:3]
+    ['estimator', 'fitted', 'format']
     """
     import neurovae
     from neurovae._validation import validate_params
