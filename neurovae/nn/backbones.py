@@ -60,10 +60,31 @@ def dry_run(module: nn.Module, in_shape: Sequence[int]) -> tuple[int, ...]:
     device and in eval mode (restored afterwards), so that shapes of user
     modules need not be declared.
 
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Module mapping a batch ``(n, *in_shape)`` to a tensor.
+    in_shape : tuple of int
+        Shape of one input sample (without the batch dimension).
+
+    Returns
+    -------
+    tuple of int
+        Shape of one output sample (without the batch dimension).
+
+    Raises
+    ------
+    TypeError
+        If the module does not return a tensor.
+
     Examples
     --------
+    >>> from torch import nn
+    >>> from neurovae.nn import dry_run
     >>> dry_run(nn.Linear(3, 5), (3,))
     (5,)
+    >>> dry_run(nn.Conv3d(1, 2, kernel_size=3, stride=2, padding=1), (1, 9, 11, 7))
+    (2, 5, 6, 4)
     """
     was_training = module.training
     module.eval()
@@ -83,8 +104,22 @@ def infer_output_size(module: nn.Module, sample_shape: Sequence[int]) -> int:
 
     Used to size the latent head after a user encoder of unknown output.
 
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Module mapping a batch ``(n, *sample_shape)`` to a tensor.
+    sample_shape : tuple of int
+        Shape of one input sample.
+
+    Returns
+    -------
+    int
+        Product of the output sample's dimensions.
+
     Examples
     --------
+    >>> from torch import nn
+    >>> from neurovae.nn import infer_output_size
     >>> infer_output_size(nn.Flatten(), (2, 3, 4))
     24
     """
@@ -101,7 +136,29 @@ class MLPEncoder(nn.Module):
     hidden_layer_sizes : sequence of int
         Width of each hidden layer.
     activation : str, default="silu"
-        Activation between layers.
+        Activation between layers: "relu", "silu", "elu", "tanh" or
+        "leaky_relu".
+
+    Attributes
+    ----------
+    out_features : int
+        Width of the output, the last hidden layer size (``in_features`` when
+        there is no hidden layer).
+
+    See Also
+    --------
+    MLPDecoder : The matching decoder.
+    make_backbone : Build both halves at once.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import MLPEncoder
+    >>> encoder = MLPEncoder(in_features=12, hidden_layer_sizes=(8, 4))
+    >>> encoder(torch.zeros(5, 3, 4)).shape  # (n, 3, 4) is flattened to (n, 12)
+    torch.Size([5, 4])
+    >>> encoder.out_features
+    4
     """
 
     def __init__(
@@ -136,6 +193,18 @@ class MLPDecoder(nn.Module):
         Shape of one output sample.
     activation : str, default="silu"
         Activation between layers.
+
+    See Also
+    --------
+    MLPEncoder : The matching encoder.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import MLPDecoder
+    >>> decoder = MLPDecoder(2, hidden_layer_sizes=(8, 4), out_shape=(3, 4))
+    >>> decoder(torch.zeros(5, 2)).shape  # latent codes (n, 2) to samples (n, 3, 4)
+    torch.Size([5, 3, 4])
     """
 
     def __init__(
@@ -186,9 +255,22 @@ class ConvEncoder3d(nn.Module):
     in_channels : int
         Channels of the input volumes.
     channels : sequence of int
-        Output channels of each level; each level halves the grid.
+        Output channels of each level; each level halves the grid (a side
+        ``s`` becomes ``ceil(s / 2)``).
     activation : str, default="silu"
         Activation after each normalisation.
+
+    See Also
+    --------
+    ConvDecoder3d : The matching decoder.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import ConvEncoder3d
+    >>> encoder = ConvEncoder3d(in_channels=1, channels=(4, 8))
+    >>> encoder(torch.zeros(2, 1, 9, 11, 7)).shape  # 9 x 11 x 7 -> 5 x 6 x 4 -> ...
+    torch.Size([2, 8, 3, 3, 2])
     """
 
     def __init__(
@@ -222,6 +304,18 @@ class ConvDecoder3d(nn.Module):
         ``(channels, x, y, z)`` of one output volume.
     activation : str, default="silu"
         Activation after each normalisation.
+
+    See Also
+    --------
+    ConvEncoder3d : The matching encoder.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import ConvDecoder3d
+    >>> decoder = ConvDecoder3d(4, channels=(4, 8), out_shape=(1, 9, 11, 7))
+    >>> decoder(torch.zeros(2, 4)).shape  # the odd grid is recovered exactly
+    torch.Size([2, 1, 9, 11, 7])
     """
 
     def __init__(
@@ -291,6 +385,18 @@ class ResNetEncoder3d(nn.Module):
         Residual blocks per level.
     activation : str, default="silu"
         Activation inside the blocks.
+
+    See Also
+    --------
+    ResNetDecoder3d : The matching decoder.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import ResNetEncoder3d
+    >>> encoder = ResNetEncoder3d(in_channels=1, channels=(4, 8))
+    >>> encoder(torch.zeros(2, 1, 9, 11, 7)).shape
+    torch.Size([2, 8, 3, 3, 2])
     """
 
     def __init__(
@@ -331,6 +437,18 @@ class ResNetDecoder3d(nn.Module):
         Residual blocks per level.
     activation : str, default="silu"
         Activation inside the blocks.
+
+    See Also
+    --------
+    ResNetEncoder3d : The matching encoder.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import ResNetDecoder3d
+    >>> decoder = ResNetDecoder3d(4, channels=(4, 8), out_shape=(1, 9, 11, 7))
+    >>> decoder(torch.zeros(2, 4)).shape
+    torch.Size([2, 1, 9, 11, 7])
     """
 
     def __init__(
@@ -404,8 +522,9 @@ def make_backbone(
 
     Examples
     --------
-    >>> enc, dec = make_backbone("conv", (1, 9, 11, 9), 4, channels=(4, 8))
     >>> import torch
+    >>> from neurovae.nn import make_backbone
+    >>> enc, dec = make_backbone("conv", (1, 9, 11, 9), 4, channels=(4, 8))
     >>> dec(torch.zeros(2, 4)).shape
     torch.Size([2, 1, 9, 11, 9])
     """

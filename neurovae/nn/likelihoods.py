@@ -69,6 +69,30 @@ class GaussianLikelihood(_LearnedScaleLikelihood):
         Starting value of the scale, typically the data's standard deviation.
     min_scale : float, default=1e-3
         Lower bound of the scale.
+
+    Attributes
+    ----------
+    scale : torch.Tensor
+        The current scale, a scalar (``scale="global"``) or of shape
+        ``event_shape`` (``scale="feature"``).
+
+    See Also
+    --------
+    LaplaceLikelihood : Heavier tails, more robust to outlying voxels.
+    make_likelihood : Build a likelihood by name.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import GaussianLikelihood
+    >>> likelihood = GaussianLikelihood((2, 3), scale="feature")
+    >>> likelihood.scale.shape  # one learned scale per feature
+    torch.Size([2, 3])
+    >>> x, out = torch.zeros(4, 2, 3), torch.zeros(4, 2, 3)
+    >>> likelihood.log_prob(x, out).shape  # one value per sample
+    torch.Size([4])
+    >>> likelihood.mean(out) is out  # the decoder output is the mean
+    True
     """
 
     def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -83,7 +107,39 @@ class LaplaceLikelihood(_LearnedScaleLikelihood):
     """Laplace p(x | z) with location decoder(z) and a learned scale.
 
     More robust than the Gaussian to outlying voxels (artefacts, lesions).
-    Parameters as for :class:`GaussianLikelihood`.
+
+    Parameters
+    ----------
+    event_shape : tuple of int
+        Shape of one sample (features, or channels and voxels).
+    scale : {"global", "feature"}, default="global"
+        One scale shared by every feature, or one per feature (voxel).
+    init_scale : float, default=1.0
+        Starting value of the scale.
+    min_scale : float, default=1e-3
+        Lower bound of the scale.
+
+    Attributes
+    ----------
+    scale : torch.Tensor
+        The current scale, a scalar (``scale="global"``) or of shape
+        ``event_shape`` (``scale="feature"``).
+
+    See Also
+    --------
+    GaussianLikelihood : The Gaussian counterpart.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import GaussianLikelihood, LaplaceLikelihood
+    >>> out = torch.zeros(1, 3)
+    >>> x = torch.tensor([[0.0, 0.0, 10.0]])  # one outlying feature
+    >>> laplace, gauss = LaplaceLikelihood((3,)), GaussianLikelihood((3,))
+    >>> laplace.log_prob(x, out).shape
+    torch.Size([1])
+    >>> bool(laplace.log_prob(x, out) > gauss.log_prob(x, out))  # less penalised
+    True
     """
 
     def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -97,7 +153,22 @@ class BernoulliLikelihood(nn.Module):
     """Bernoulli p(x | z) with logits decoder(z), for data in [0, 1].
 
     Values strictly between 0 and 1 are treated as probabilities (the
-    continuous relaxation used for grey-level images).
+    continuous relaxation used for grey-level images). It has no parameters.
+
+    See Also
+    --------
+    make_likelihood : Build a likelihood by name.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import BernoulliLikelihood
+    >>> likelihood = BernoulliLikelihood()
+    >>> logits = torch.zeros(1, 2)  # raw decoder output
+    >>> likelihood.mean(logits)  # probabilities
+    tensor([[0.5000, 0.5000]])
+    >>> likelihood.log_prob(torch.ones(1, 2), logits)  # 2 * log(0.5)
+    tensor([-1.3863])
     """
 
     def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -117,7 +188,40 @@ def make_likelihood(
     init_scale: float = 1.0,
     min_scale: float = 1e-3,
 ) -> nn.Module:
-    """Build the likelihood called ``name`` ("gaussian", "laplace", "bernoulli")."""
+    """Build the likelihood called ``name`` ("gaussian", "laplace", "bernoulli").
+
+    Parameters
+    ----------
+    name : {"gaussian", "laplace", "bernoulli"}
+        Observation model.
+    event_shape : tuple of int
+        Shape of one sample.
+    scale : {"global", "feature"}, default="global"
+        Scale sharing of the Gaussian and Laplace likelihoods.
+    init_scale : float, default=1.0
+        Starting scale of the Gaussian and Laplace likelihoods.
+    min_scale : float, default=1e-3
+        Lower bound of the scale of the Gaussian and Laplace likelihoods.
+
+    Returns
+    -------
+    torch.nn.Module
+        A module with ``log_prob(x, out)`` and ``mean(out)``. The scale
+        parameters are ignored for "bernoulli".
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not one of the above.
+
+    Examples
+    --------
+    >>> from neurovae.nn import make_likelihood
+    >>> make_likelihood("laplace", (2, 3), scale="feature").scale.shape
+    torch.Size([2, 3])
+    >>> make_likelihood("bernoulli", (2, 3))
+    BernoulliLikelihood()
+    """
     if name == "gaussian":
         return GaussianLikelihood(event_shape, scale, init_scale, min_scale)
     if name == "laplace":

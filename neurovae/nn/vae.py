@@ -44,6 +44,28 @@ class VAEModule(nn.Module):
         ``recon + gamma * |KL - capacity|`` instead of ``recon + beta * KL``.
     gamma : float
         Weight of the capacity constraint.
+
+    See Also
+    --------
+    make_backbone : Built-in encoder / decoder pairs.
+    make_likelihood : Built-in observation models.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.nn import GaussianLatent, VAEModule
+    >>> from neurovae.nn import infer_output_size, make_backbone, make_likelihood
+    >>> encoder, decoder = make_backbone("mlp", (6,), 2, hidden_layer_sizes=(8,))
+    >>> latent = GaussianLatent(infer_output_size(encoder, (6,)), n_components=2)
+    >>> vae = VAEModule(encoder, decoder, latent, make_likelihood("gaussian", (6,)))
+    >>> x = torch.zeros(4, 6)
+    >>> sorted(vae.loss((x,)))  # what the training engine minimises and logs
+    ['kl', 'loss', 'recon']
+    >>> mu, logvar = vae.encode(x)
+    >>> mu.shape, vae.decode(mu).shape
+    (torch.Size([4, 2]), torch.Size([4, 6]))
+    >>> vae.eval().elbo(x).shape  # one deterministic value per sample
+    torch.Size([4])
     """
 
     def __init__(

@@ -30,9 +30,13 @@ class TensorBatches:
 
     Examples
     --------
+    >>> import torch
+    >>> from neurovae.training import TensorBatches
     >>> batches = TensorBatches((torch.arange(5.0),), batch_size=2, shuffle=False)
     >>> [b[0].tolist() for b in batches]
     [[0.0, 1.0], [2.0, 3.0], [4.0]]
+    >>> len(batches)
+    3
     """
 
     def __init__(

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+#: Accepted ``precision`` values: "32" (float32) and "bf16" (bfloat16 autocast).
 PRECISIONS = ("32", "bf16")
 
 
@@ -17,8 +18,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
     ``"auto"`` picks CUDA, then Apple MPS, then the CPU. An explicit device
     that is not available is an error rather than a silent fallback.
 
+    Parameters
+    ----------
+    device : str or torch.device
+        "auto", "cpu", "cuda", "cuda:N", "mps" or a :class:`torch.device`.
+
+    Returns
+    -------
+    torch.device
+        The device, with its index filled in for CUDA.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is malformed or names a device that is not available.
+
     Examples
     --------
+    >>> from neurovae.training import resolve_device
     >>> resolve_device("cpu")
     device(type='cpu')
     """
@@ -53,7 +70,40 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for ``precision`` ("32": none, "bf16": bfloat16)."""
+    """Autocast context for ``precision`` ("32": none, "bf16": bfloat16).
+
+    Parameters
+    ----------
+    device : torch.device
+        Device the computation runs on.
+    precision : {"32", "bf16"}
+        "32" runs in float32 (a no-op context); "bf16" autocasts eligible
+        operations (matrix products, convolutions) to bfloat16.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        The context to run the forward pass in.
+
+    Raises
+    ------
+    ValueError
+        If ``precision`` is not in :data:`PRECISIONS`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.training import autocast
+    >>> layer, x = torch.nn.Linear(4, 2), torch.zeros(3, 4)
+    >>> with autocast(torch.device("cpu"), "bf16"):
+    ...     y = layer(x)
+    >>> y.dtype, y.shape
+    (torch.bfloat16, torch.Size([3, 2]))
+    >>> with autocast(torch.device("cpu"), "32"):
+    ...     y = layer(x)
+    >>> y.dtype
+    torch.float32
+    """
     if precision == "32":
         return contextlib.nullcontext()
     if precision == "bf16":
@@ -75,8 +125,15 @@ def local_rng(seed: int) -> Iterator[None]:
     their seeds. Keep the block short (build modules on the CPU inside it);
     training draws from explicit generators instead.
 
+    Parameters
+    ----------
+    seed : int
+        Seed of the global CPU generator inside the block.
+
     Examples
     --------
+    >>> import torch
+    >>> from neurovae.training import local_rng
     >>> with local_rng(0):
     ...     a = torch.randn(2)
     >>> with local_rng(0):

@@ -26,14 +26,66 @@ from neurovae.training.schedules import Schedule
 
 
 class DivergenceError(RuntimeError):
-    """Training produced non-finite losses or gradients step after step."""
+    """Training produced non-finite losses or gradients step after step.
+
+    Raised by :meth:`Engine.fit` when ``config.max_consecutive_skips`` steps in
+    a row, or every step of an epoch, had a non-finite loss (or gradient norm,
+    when ``max_grad_norm`` is set). The message suggests remedies. A subclass
+    of :class:`RuntimeError`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.training import (
+    ...     DivergenceError, Engine, EngineConfig, TensorBatches
+    ... )
+    >>> class Broken(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(1))
+    ...     def forward(self, batch):
+    ...         return {"loss": self.w.sum() * float("nan")}
+    >>> config = EngineConfig(max_iter=1, max_consecutive_skips=2)
+    >>> data = TensorBatches((torch.zeros(8),), batch_size=2)
+    >>> try:
+    ...     Engine(Broken(), config, torch.device("cpu")).fit(data)
+    ... except DivergenceError as err:
+    ...     print(err)  # doctest: +ELLIPSIS
+    model.fit diverged: 2 consecutive steps had a non-finite loss or gradient ...
+    """
 
 
 class Hook:
     """Extension point of the engine; subclasses override what they need.
 
-    ``engine`` gives access to ``module``, ``optimizer``, ``device``,
-    ``epoch`` and ``history``.
+    Every method receives the running :class:`Engine`, which gives access to
+    ``module``, ``optimizer``, ``device``, ``epoch`` (0-based) and
+    ``history``. The base methods do nothing.
+
+    Examples
+    --------
+    A hook that counts the optimiser steps and logs the count every epoch:
+
+    >>> import torch
+    >>> from neurovae.training import Engine, EngineConfig, Hook, TensorBatches
+    >>> class CountSteps(Hook):
+    ...     def __init__(self):
+    ...         self.n_steps = 0
+    ...     def after_step(self, engine, batch, outputs):
+    ...         self.n_steps += 1
+    ...     def on_epoch_end(self, engine, logs):
+    ...         logs["n_steps"] = self.n_steps
+    >>> class Mean(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(1))
+    ...     def forward(self, batch):
+    ...         return {"loss": ((batch[0] - self.w) ** 2).mean()}
+    >>> data = TensorBatches((torch.zeros(6),), batch_size=4)  # 2 steps per epoch
+    >>> config = EngineConfig(max_iter=3)
+    >>> engine = Engine(Mean(), config, torch.device("cpu"), hooks=[CountSteps()])
+    >>> engine.fit(data).history["n_steps"]
+    [2, 4, 6]
     """
 
     def on_epoch_begin(self, engine: Engine) -> None:
@@ -50,7 +102,47 @@ class Hook:
 
 @dataclass
 class EngineConfig:
-    """Settings of one training run (mirrors the estimators' parameters)."""
+    """Settings of one training run (mirrors the estimators' parameters).
+
+    Parameters
+    ----------
+    max_iter : int
+        Maximum number of epochs.
+    optimizer : str, default="adam"
+        Optimiser name, a key of :data:`~neurovae.training.OPTIMIZERS`.
+    learning_rate_init : float, default=1e-3
+        Learning rate.
+    weight_decay : float, default=0.0
+        Weight decay of the optimiser.
+    max_grad_norm : float or None, default=None
+        Clip the global gradient norm to this value (and skip steps whose
+        gradient norm is not finite); None does not clip.
+    early_stopping : bool, default=False
+        Stop when the validation loss has not improved by ``tol`` for
+        ``n_iter_no_change`` epochs, and restore the best weights. Needs
+        validation batches.
+    n_iter_no_change : int, default=10
+        Patience of early stopping, in epochs.
+    tol : float, default=1e-4
+        Smallest decrease of the validation loss that counts as improvement.
+    precision : {"32", "bf16"}, default="32"
+        Numerical precision of the forward pass, see
+        :func:`~neurovae.training.autocast`.
+    verbose : int, default=0
+        0: silent; 1: a progress bar; 2 or more: one line per epoch.
+    max_consecutive_skips : int, default=20
+        Non-finite steps in a row after which :class:`DivergenceError` is
+        raised.
+    name : str, default="model"
+        Name used in progress output and error messages.
+
+    Examples
+    --------
+    >>> from neurovae.training import EngineConfig
+    >>> config = EngineConfig(max_iter=50, early_stopping=True, n_iter_no_change=5)
+    >>> config.optimizer, config.learning_rate_init, config.precision
+    ('adam', 0.001, '32')
+    """
 
     max_iter: int
     optimizer: str = "adam"
@@ -68,7 +160,48 @@ class EngineConfig:
 
 @dataclass
 class EngineResult:
-    """What a run returns: the history and how the run ended."""
+    """What a run returns: the history and how the run ended.
+
+    Attributes
+    ----------
+    history : dict of str to list
+        One value per epoch (including those of earlier runs when a history
+        was passed to :meth:`Engine.fit`) for every loss term, every
+        ``val_``-prefixed validation term, every scheduled attribute,
+        ``n_skipped`` (non-finite steps skipped) and ``time`` (seconds).
+    n_epochs : int
+        Epochs completed by this run.
+    best_epoch : int or None
+        Epoch (counted from the start of the history, 0-based) whose weights
+        the module holds after training; None if no epoch completed.
+    stopped_early : bool
+        Whether early stopping ended the run.
+    interrupted : bool
+        Whether the run was interrupted by ``KeyboardInterrupt``.
+    extra : dict
+        Free-form room for model-specific results.
+
+    Examples
+    --------
+    A module already at its optimum never improves on its first epoch, so
+    early stopping ends the run after ``n_iter_no_change`` more epochs:
+
+    >>> import torch
+    >>> from neurovae.training import Engine, EngineConfig, TensorBatches
+    >>> class Mean(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(1))
+    ...     def forward(self, batch):
+    ...         return {"loss": ((batch[0] - self.w) ** 2).mean()}
+    >>> data = TensorBatches((torch.zeros(8),), batch_size=4)
+    >>> config = EngineConfig(max_iter=100, early_stopping=True, n_iter_no_change=3)
+    >>> result = Engine(Mean(), config, torch.device("cpu")).fit(data, val=data)
+    >>> result.n_epochs, result.best_epoch, result.stopped_early
+    (4, 0, True)
+    >>> sorted(result.history)
+    ['loss', 'n_skipped', 'time', 'val_loss']
+    """
 
     history: dict[str, list]
     n_epochs: int

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
+#: Optimiser classes by the name that :func:`make_optimizer` accepts.
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -24,11 +25,34 @@ def make_optimizer(
 
     SGD uses Nesterov momentum 0.9, the usual choice for neural networks.
 
+    Parameters
+    ----------
+    name : {"adam", "adamw", "sgd", "adamax"}
+        Optimiser, a key of :data:`OPTIMIZERS`.
+    params : iterable of torch.nn.Parameter
+        Parameters to optimise.
+    learning_rate : float
+        Learning rate.
+    weight_decay : float, default=0.0
+        Weight decay (decoupled for "adamw", L2 for the others).
+
+    Returns
+    -------
+    torch.optim.Optimizer
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a key of :data:`OPTIMIZERS`.
+
     Examples
     --------
+    >>> import torch
+    >>> from neurovae.training import make_optimizer
     >>> layer = torch.nn.Linear(2, 1)
-    >>> make_optimizer("adamw", layer.parameters(), 1e-3).__class__.__name__
-    'AdamW'
+    >>> opt = make_optimizer("adamw", layer.parameters(), 1e-3, weight_decay=0.01)
+    >>> type(opt).__name__, opt.defaults["lr"], opt.defaults["weight_decay"]
+    ('AdamW', 0.001, 0.01)
     """
     try:
         cls = OPTIMIZERS[name]

@@ -12,7 +12,36 @@ import math
 
 
 class Schedule:
-    """Base class: a value as a function of training progress (in epochs)."""
+    """Base class: a value as a function of training progress (in epochs).
+
+    A subclass sets :attr:`final` and implements ``__call__(progress)``,
+    where ``progress`` is the number of epochs run, fractional within an
+    epoch. Pass schedules to :class:`~neurovae.training.Engine` as
+    ``schedules={"beta": ...}``.
+
+    Attributes
+    ----------
+    final : float
+        Value used for validation and after training.
+
+    See Also
+    --------
+    make_schedule : Build a built-in schedule by name.
+
+    Examples
+    --------
+    A step schedule, 0 for the first ``at`` epochs and ``value`` afterwards:
+
+    >>> from neurovae.training import Schedule
+    >>> class Step(Schedule):
+    ...     def __init__(self, value, at):
+    ...         self.final, self.at = float(value), at
+    ...     def __call__(self, progress):
+    ...         return self.final if progress >= self.at else 0.0
+    >>> s = Step(1.0, at=5)
+    >>> s(2.5), s(5.0), s.final
+    (0.0, 1.0, 1.0)
+    """
 
     #: value used for validation and after training
     final: float
@@ -24,8 +53,14 @@ class Schedule:
 class Constant(Schedule):
     """Always ``value``.
 
+    Parameters
+    ----------
+    value : float
+        The value at every step.
+
     Examples
     --------
+    >>> from neurovae.training import Constant
     >>> Constant(4.0)(12.5)
     4.0
     """
@@ -43,8 +78,18 @@ class Constant(Schedule):
 class Linear(Schedule):
     """Ramp from ``start`` to ``value`` over the first ``warmup_iter`` epochs.
 
+    Parameters
+    ----------
+    value : float
+        Value reached at the end of the ramp, and kept afterwards.
+    warmup_iter : float
+        Length of the ramp in epochs; must be > 0.
+    start : float, default=0.0
+        Value at the start of training.
+
     Examples
     --------
+    >>> from neurovae.training import Linear
     >>> s = Linear(4.0, warmup_iter=10)
     >>> s(0.0), s(5.0), s(20.0)
     (0.0, 2.0, 4.0)
@@ -72,8 +117,20 @@ class Cyclical(Schedule):
     rises linearly from 0 to ``value`` over the first ``ratio`` of the cycle
     and stays there for the rest.
 
+    Parameters
+    ----------
+    value : float
+        Maximal (and final) value.
+    total_iter : float
+        Length of training in epochs, over which the cycles spread.
+    n_cycles : int
+        Number of cycles.
+    ratio : float, default=0.5
+        Fraction of each cycle spent ramping up, in (0, 1].
+
     Examples
     --------
+    >>> from neurovae.training import Cyclical
     >>> s = Cyclical(1.0, total_iter=20, n_cycles=2)
     >>> s(0.0), s(2.5), s(7.0), s(10.0), s(12.5)
     (0.0, 0.5, 1.0, 0.0, 0.5)
@@ -127,6 +184,7 @@ def make_schedule(
 
     Examples
     --------
+    >>> from neurovae.training import make_schedule
     >>> make_schedule("linear", 2.0, warmup_iter=4)(1.0)
     0.5
     """
