@@ -55,6 +55,15 @@ class _LearnedScaleLikelihood(nn.Module):
         """Mean of p(x | z) given the decoder output."""
         return out
 
+    def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood of each sample of ``x``, summed over its features."""
+        residual = x - out.float()
+        return self._log_density(residual, self.scale).flatten(1).sum(dim=1)
+
+    def _log_density(self, residual: torch.Tensor, scale: torch.Tensor):
+        """Per-feature log-density of ``x - location`` at ``scale``."""
+        raise NotImplementedError
+
 
 class GaussianLikelihood(_LearnedScaleLikelihood):
     """Gaussian p(x | z) = N(decoder(z), scale**2) with a learned scale.
@@ -95,12 +104,8 @@ class GaussianLikelihood(_LearnedScaleLikelihood):
     True
     """
 
-    def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood of each sample of ``x``, summed over its features."""
-        scale = self.scale
-        z = (x - out.float()) / scale
-        per_feature = -0.5 * z.pow(2) - torch.log(scale) - 0.5 * _LOG_2PI
-        return per_feature.flatten(1).sum(dim=1)
+    def _log_density(self, residual: torch.Tensor, scale: torch.Tensor):
+        return -0.5 * (residual / scale).pow(2) - torch.log(scale) - 0.5 * _LOG_2PI
 
 
 class LaplaceLikelihood(_LearnedScaleLikelihood):
@@ -142,11 +147,8 @@ class LaplaceLikelihood(_LearnedScaleLikelihood):
     True
     """
 
-    def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood of each sample of ``x``, summed over its features."""
-        scale = self.scale
-        per_feature = -(x - out.float()).abs() / scale - torch.log(2.0 * scale)
-        return per_feature.flatten(1).sum(dim=1)
+    def _log_density(self, residual: torch.Tensor, scale: torch.Tensor):
+        return -residual.abs() / scale - torch.log(2.0 * scale)
 
 
 class BernoulliLikelihood(nn.Module):
