@@ -16,6 +16,7 @@ import math
 import numbers
 from collections.abc import Callable
 
+import nibabel as nib
 import numpy as np
 import torch
 from sklearn.base import (
@@ -26,6 +27,7 @@ from sklearn.base import (
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from neurovae._validation import (
     AnyOf,
@@ -36,6 +38,16 @@ from neurovae._validation import (
     check_value,
     validate_params,
 )
+from neurovae.io import (
+    DataStatistics,
+    ImageCollection,
+    Preprocessing,
+    VolumeDataset,
+    check_mask,
+    check_niimgs,
+    is_niimg_like,
+    to_img,
+)
 from neurovae.nn import (
     GaussianLatent,
     VAEModule,
@@ -45,6 +57,7 @@ from neurovae.nn import (
 )
 from neurovae.training import (
     PRECISIONS,
+    DatasetBatches,
     Engine,
     EngineConfig,
     Hook,
@@ -84,6 +97,10 @@ def _is_random_state(value) -> bool:
 
 def _is_device(value) -> bool:
     return isinstance(value, (str, torch.device))
+
+
+def _is_mask(value) -> bool:
+    return value is None or is_niimg_like(value) or isinstance(value, np.ndarray)
 
 
 class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -129,6 +146,11 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ),
         "verbose": Interval(int, 0),
         "warm_start": Options((True, False)),
+        "mask_img": Custom(
+            _is_mask, "None, a 3-D mask image or path, or a boolean array"
+        ),
+        "scaling": Options(("auto", "minmax", "zscore", None)),
+        "num_workers": Interval(int, 0),
     }
 
     # ------------------------------------------------------------------
@@ -214,8 +236,14 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 scale=self.likelihood_scale,
                 init_scale=stats.get("std", 1.0),
                 min_scale=stats.get("min_scale", 1e-3),
+                mask=self._likelihood_mask(),
             ),
         )
+
+    def _likelihood_mask(self) -> torch.Tensor | None:
+        """The fitted brain mask, as the likelihoods take it (or None)."""
+        mask = getattr(self, "_mask", None)
+        return None if mask is None else torch.from_numpy(mask)
 
     # ------------------------------------------------------------------
     # input checking (the one input checker)
@@ -228,6 +256,8 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ``check_array(allow_nd=True)`` with the same guarantees (finite,
         numeric, at least two samples for ``fit``).
         """
+        if is_niimg_like(X):
+            return self._check_images(X, reset=reset)
         name = type(self).__name__
         ndim = getattr(X, "ndim", None)
         if ndim is None and not hasattr(X, "toarray"):
@@ -252,10 +282,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     "an empty axis; volumes need at least one voxel per axis."
                 )
             if reset:
-                self.input_shape_ = tuple(int(s) for s in X.shape[1:])
-                self.n_features_in_ = int(math.prod(self.input_shape_))
-                if hasattr(self, "feature_names_in_"):
-                    del self.feature_names_in_
+                self._set_volume_shape(X.shape[1:], affine=None)
             elif len(self.input_shape_) == 1 or tuple(X.shape[1:]) != self.input_shape_:
                 raise ValueError(
                     f"X has samples of shape {tuple(X.shape[1:])}, but {name} was "
@@ -279,7 +306,47 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         )
         if reset:
             self.input_shape_ = (int(X.shape[1]),)
+            self.__dict__.pop("affine_", None)
         return X
+
+    def _set_volume_shape(self, shape, affine) -> None:
+        """Record the grid of volume training data (``affine`` for images)."""
+        self.input_shape_ = tuple(int(s) for s in shape)
+        self.n_features_in_ = int(math.prod(self.input_shape_))
+        self.__dict__.pop("feature_names_in_", None)
+        self.__dict__.pop("affine_", None)
+        if affine is not None:
+            self.affine_ = affine
+
+    def _check_images(self, X, *, reset: bool):
+        """Niimg-like ``X``: its samples, as an array when they are in memory
+        and as a lazy :class:`~neurovae.io.ImageCollection` when any lives on
+        disk (read batch by batch, never all at once)."""
+        name = type(self).__name__
+        grid = {}
+        if not reset:
+            if len(self.input_shape_) != 3:
+                raise ValueError(
+                    f"{name} was fitted on samples of shape {self.input_shape_}; "
+                    "images hold single-channel 3-D volumes and cannot be "
+                    "passed to it."
+                )
+            grid = {
+                "shape": self.input_shape_,
+                "affine": getattr(self, "affine_", None),
+            }
+        images = check_niimgs(X, **grid)
+        min_samples = 2 if reset else 1
+        if images.n_samples < min_samples:
+            raise ValueError(
+                f"{name}.fit needs at least {min_samples} samples; X holds "
+                f"{images.n_samples} image. Pass more images."
+            )
+        if reset:
+            self._set_volume_shape(images.shape, images.affine)
+        if images.in_memory:
+            return images.load()
+        return images
 
     @property
     def _sample_shape(self) -> tuple[int, ...]:
@@ -287,31 +354,123 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         shape = self.input_shape_
         return (1, *shape) if len(shape) == 3 else tuple(shape)
 
-    def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
+    def _preprocessing(self) -> Preprocessing:
+        """The fitted scaling and mask (identity before the first fit)."""
+        return Preprocessing(
+            getattr(self, "intensity_offset_", 0.0),
+            getattr(self, "intensity_scale_", 1.0),
+            getattr(self, "_mask", None),
+        )
+
+    def _to_tensor(self, X: np.ndarray, prep: Preprocessing | None = None):
+        """Samples as the network sees them: float32, scaled and masked."""
         # a float32 copy: never aliases (possibly read-only or strided) user memory
         X = np.array(X, dtype=np.float32, order="C", copy=True)
-        return torch.from_numpy(X).reshape(X.shape[0], *self._sample_shape)
+        tensor = torch.from_numpy(X).reshape(X.shape[0], *self._sample_shape)
+        return (prep or self._preprocessing()).forward(tensor)
 
-    def _to_output(self, values: torch.Tensor, dtype) -> np.ndarray:
-        """Decoded samples back to the user's layout and dtype."""
+    def _to_output(self, values: torch.Tensor, dtype):
+        """Decoded samples back to the user's space: raw intensities, zero
+        outside the mask, in ``dtype``; one 4-D image when fitted on images."""
         out = values.numpy().astype(dtype, copy=False)
-        return out.reshape(out.shape[0], *self.input_shape_)
+        out = self._preprocessing().inverse(out)
+        out = out.reshape(out.shape[0], *self.input_shape_)
+        if getattr(self, "affine_", None) is not None:
+            return to_img(out, self.affine_)
+        return out
 
-    def _check_data(self, X: np.ndarray) -> None:
+    def _check_data(self, X, stats: DataStatistics) -> None:
         """Checks that depend on parameters (override to add more)."""
         if self.likelihood == "bernoulli":
-            low, high = X.min(), X.max()
+            prep = self._preprocessing()
+            low = (stats.min - prep.offset) / prep.scale
+            high = (stats.max - prep.offset) / prep.scale
             if low < 0 or high > 1:
                 raise ValueError(
                     f"{type(self).__name__}: likelihood='bernoulli' needs data in "
-                    f"[0, 1]; X ranges over [{low:g}, {high:g}]. Rescale it "
-                    "(e.g. MinMaxScaler) or use likelihood='gaussian'."
+                    f"[0, 1] after scaling={self.scaling!r}; X ranges over "
+                    f"[{low:g}, {high:g}]. Use scaling='minmax' or "
+                    "likelihood='gaussian'."
                 )
         if self.backbone in ("conv", "resnet") and len(self.input_shape_) == 1:
             raise ValueError(
                 f"{type(self).__name__}: backbone={self.backbone!r} needs volumes "
-                "(a 4-D or 5-D X); X is 2-D. Use backbone='mlp' or 'auto'."
+                "(a 4-D or 5-D X, or images); X is 2-D. Use backbone='mlp' or "
+                "'auto'."
             )
+
+    # ------------------------------------------------------------------
+    # masks, scaling and data passes
+    # ------------------------------------------------------------------
+    def _fit_mask(self) -> None:
+        """Resolve ``mask_img`` on the training grid (``mask_img_``)."""
+        self.__dict__.pop("mask_img_", None)
+        self._mask = None
+        if self.mask_img is None:
+            return
+        if len(self.input_shape_) == 1:
+            raise ValueError(
+                f"{type(self).__name__}: mask_img needs volumes (a 4-D or 5-D "
+                "X, or images); X is 2-D. For masked features (e.g. from a "
+                "NiftiMasker) the masker applies the mask."
+            )
+        affine = getattr(self, "affine_", None)
+        self._mask = check_mask(self.mask_img, self.input_shape_[-3:], affine)
+        self.mask_img_ = self._mask_output()
+
+    def _mask_output(self):
+        """``mask_img_``: an image when fitted on images, else a bool array."""
+        if getattr(self, "affine_", None) is None:
+            return self._mask.copy()
+        return nib.Nifti1Image(self._mask.astype(np.uint8), self.affine_)
+
+    def _raw_batches(self, X):
+        """``X`` in batches of raw float samples, with names for errors."""
+        batch_size = max(1, _INFERENCE_VOXELS // max(self.n_features_in_, 1))
+        if isinstance(X, ImageCollection):
+            loader = torch.utils.data.DataLoader(
+                VolumeDataset(X, X.shape),
+                batch_size=batch_size,
+                num_workers=self.num_workers,
+            )
+            start = 0
+            for (batch,) in loader:
+                names = [X.where(i) for i in range(start, start + len(batch))]
+                start += len(batch)
+                yield batch.numpy(), names
+        else:
+            for start in range(0, X.shape[0], batch_size):
+                yield X[start : start + batch_size], None
+
+    def _statistics(self, X) -> DataStatistics:
+        """One pass over ``X``: voxel statistics inside the mask, and the
+        check that streamed images hold no NaN or inf there."""
+        stats = DataStatistics()
+        mask = getattr(self, "_mask", None)
+        for batch, names in self._raw_batches(X):
+            stats.update(batch, mask=mask, where=names)
+        return stats
+
+    def _fit_scaling(self, stats: DataStatistics) -> None:
+        scaling = self.scaling
+        if scaling == "auto":
+            scaling = "minmax" if self.likelihood == "bernoulli" else "zscore"
+        prep = Preprocessing.fit(stats, scaling, None)
+        self.intensity_offset_ = prep.offset
+        self.intensity_scale_ = prep.scale
+
+    def _likelihood_init(self, stats: DataStatistics) -> dict:
+        """Starting scale of the likelihood: the scaled data's std."""
+        std = stats.std / self.intensity_scale_
+        std = std if math.isfinite(std) and std > 0 else 1.0
+        return {"std": std, "min_scale": 1e-3 * std}
+
+    def _n_likelihood_features(self) -> int:
+        """Values counted by the likelihood per sample (inside the mask)."""
+        mask = getattr(self, "_mask", None)
+        if mask is None:
+            return self.n_features_in_
+        return int(mask.sum()) * (self.n_features_in_ // mask.size)
 
     # ------------------------------------------------------------------
     # fitting
@@ -367,16 +526,15 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             name=type(self).__name__,
         )
 
-    def _split(
-        self, tensors: tuple[torch.Tensor, ...], seed: int
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
-        """Training and validation tensors (a seeded split for early stopping).
+    def _split(self, data, seed: int):
+        """Training and validation data (a seeded split for early stopping).
 
-        Without early stopping the tensors are returned as they are: no copy.
+        ``data`` is a tuple of tensors or a dataset. Without early stopping it
+        is returned as it is: no copy.
         """
         if not self.early_stopping:
-            return tensors, None
-        n_samples = tensors[0].shape[0]
+            return data, None
+        n_samples = len(data) if isinstance(data, Dataset) else data[0].shape[0]
         n_val = math.ceil(self.validation_fraction * n_samples)
         if n_val < 1 or n_samples - n_val < 1:
             raise ValueError(
@@ -386,27 +544,30 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 "early_stopping=False."
             )
         perm = np.random.default_rng(seed).permutation(n_samples)
-        train_idx = torch.from_numpy(np.sort(perm[n_val:]))
-        val_idx = torch.from_numpy(np.sort(perm[:n_val]))
-        return (
-            tuple(t[train_idx] for t in tensors),
-            tuple(t[val_idx] for t in tensors),
-        )
+        train_idx, val_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        if isinstance(data, Dataset):
+            return Subset(data, train_idx.tolist()), Subset(data, val_idx.tolist())
+        train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+        return tuple(t[train_idx] for t in data), tuple(t[val_idx] for t in data)
 
-    @staticmethod
-    def _data_stats(X: torch.Tensor) -> dict:
-        """Data statistics used to initialise the likelihood scale."""
-        std = float(X.std()) if X.numel() > 1 else 1.0
-        std = std if math.isfinite(std) and std > 0 else 1.0
-        return {"std": std, "min_scale": 1e-3 * std}
-
-    def _batches(self, tensors, device, *, shuffle, seed=None) -> TensorBatches:
-        data = tuple(tensors)
-        if device.type != "cpu" and sum(t.nbytes for t in data) <= _GPU_RESIDENT_BYTES:
-            data = tuple(t.to(device) for t in data)
+    def _batches(self, data, device, *, shuffle, seed=None):
+        """Engine batches of ``data``: a tuple of tensors (sliced in memory,
+        on the GPU when small enough) or a dataset (read by a DataLoader)."""
         generator = None
         if shuffle:
             generator = torch.Generator().manual_seed(int(seed))
+        if isinstance(data, Dataset):
+            return DatasetBatches(
+                data,
+                self._resolved_batch_size(len(data)),
+                shuffle=shuffle,
+                generator=generator,
+                device=device,
+                num_workers=self.num_workers,
+            )
+        data = tuple(data)
+        if device.type != "cpu" and sum(t.nbytes for t in data) <= _GPU_RESIDENT_BYTES:
+            data = tuple(t.to(device) for t in data)
         return TensorBatches(
             data,
             self._resolved_batch_size(data[0].shape[0]),
@@ -415,19 +576,32 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             device=device,
         )
 
-    def _training_tensors(self, X: np.ndarray, y) -> tuple[torch.Tensor, ...]:
-        """Tensors of one training batch tuple (override to add targets)."""
-        return (self._to_tensor(X),)
+    def _targets(self, y, n_samples: int) -> tuple[torch.Tensor, ...]:
+        """Per-sample tensors trained along with X (override, e.g. labels)."""
+        return ()
+
+    def _training_data(self, X, y):
+        """What the engine trains on: tensors in memory, or a dataset that
+        streams images from disk."""
+        targets = self._targets(y, len(X))
+        if isinstance(X, ImageCollection):
+            return VolumeDataset(
+                X, self._sample_shape, self._preprocessing(), targets=targets
+            )
+        return (self._to_tensor(X), *targets)
 
     def fit(self, X, y=None):
         """Fit the model to ``X``.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features), (n_samples, x, y, z) \
-or (n_samples, channels, x, y, z)
-            Training data: flat features (e.g. the output of a ``NiftiMasker``)
-            or volumes.
+        X : array-like or Niimg-like
+            Training data: flat features of shape (n_samples, n_features)
+            (e.g. the output of a ``NiftiMasker``), volumes of shape
+            (n_samples, x, y, z) or (n_samples, channels, x, y, z), or images:
+            a 4-D image (samples along the 4th axis), or a list of 3-D images
+            or of paths to NIfTI files. Images in files are read batch by
+            batch, never all at once.
         y : None
             Ignored; present for API consistency.
 
@@ -448,29 +622,34 @@ or (n_samples, channels, x, y, z)
         if not warm:  # a failed fit must not leave a stale model looking fitted
             self.__dict__.pop("module_", None)
         X = self._check_X(X, reset=not warm)
-        self._check_data(X)
+        if not warm:  # warm starts keep the mask and scaling of the first fit
+            self._fit_mask()
+        stats = self._statistics(X)
+        if not warm:
+            self._fit_scaling(stats)
+        self._check_data(X, stats)
         device = resolve_device(self.device)
         if not warm:
             self._seed = self._draw_seed(self.random_state)
-            self._fit_dtype = X.dtype.name
+            self._fit_dtype = (
+                "float32" if isinstance(X, ImageCollection) else (X.dtype.name)
+            )
         n_done = self.n_iter_ if warm else 0
         init_seed, shuffle_seed, noise_seed = (
             int(v)
             for v in np.random.SeedSequence([self._seed, n_done]).generate_state(3)
         )
-        train_tensors, val_tensors = self._split(
-            self._training_tensors(X, y), self._seed
-        )
-        train = self._batches(train_tensors, device, shuffle=True, seed=shuffle_seed)
+        train_data, val_data = self._split(self._training_data(X, y), self._seed)
+        train = self._batches(train_data, device, shuffle=True, seed=shuffle_seed)
         val = None
-        if val_tensors is not None:
-            val = self._batches(val_tensors, device, shuffle=False)
+        if val_data is not None:
+            val = self._batches(val_data, device, shuffle=False)
         if warm:  # train a copy: a failed or interrupted fit changes nothing
             module = copy.deepcopy(self.module_)
         else:
             with local_rng(init_seed):
                 module = self._build_module(
-                    self._sample_shape, self._data_stats(train_tensors[0])
+                    self._sample_shape, self._likelihood_init(stats)
                 )
         module.to(device)
         module.generator = torch.Generator(device=device).manual_seed(noise_seed)
@@ -505,46 +684,136 @@ or (n_samples, channels, x, y, z)
         param = next(self.module_.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 
+    def _input_batches(self, data, batch_size: int):
+        """Network-ready batches of ``data``: a tensor (used as is), an array
+        of samples (converted one batch at a time) or streamed images."""
+        if isinstance(data, torch.Tensor):
+            for start in range(0, data.shape[0], batch_size):
+                yield data[start : start + batch_size]
+            return
+        prep = self._preprocessing()
+        if not isinstance(data, ImageCollection):
+            for start in range(0, data.shape[0], batch_size):
+                batch = self._to_tensor(data[start : start + batch_size], prep)
+                yield batch
+            return
+        loader = torch.utils.data.DataLoader(
+            VolumeDataset(data, self._sample_shape, prep),
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+        )
+        start = 0
+        for (batch,) in loader:
+            finite = torch.isfinite(batch.flatten(1)).all(dim=1)
+            if not finite.all():
+                bad = start + int(torch.nonzero(~finite)[0])
+                raise ValueError(
+                    f"{data.where(bad)} contains NaN or infinite values"
+                    + (" inside the mask." if prep.mask is not None else ".")
+                )
+            start += len(batch)
+            yield batch
+
     @torch.no_grad()
     def _batched(self, fn, data) -> torch.Tensor:
         """Apply ``fn`` batch by batch in eval mode; results on the CPU.
 
-        ``data`` is a tensor, or an array of user samples converted one batch
-        at a time, so memory holds one batch, not a float32 copy of all of X.
+        ``data`` is a tensor, an array of user samples converted one batch at
+        a time, or streamed images, so memory holds one batch, not a float32
+        copy of all of X.
         """
         module = self.module_
         module.eval()
         device = self._module_device()
         # encoding reads, decoding writes full samples: budget by the larger
-        per_sample = max(math.prod(data.shape[1:]), self.n_features_in_, 1)
+        given = math.prod(data.shape[1:]) if hasattr(data, "dtype") else 0
+        per_sample = max(given, self.n_features_in_, 1)
         batch_size = max(1, min(_INFERENCE_BATCH, _INFERENCE_VOXELS // per_sample))
         outputs = []
-        for start in range(0, data.shape[0], batch_size):
-            batch = data[start : start + batch_size]
-            if isinstance(batch, np.ndarray):
-                batch = self._to_tensor(batch)
+        for batch in self._input_batches(data, batch_size):
             with autocast(device, self.precision):
                 out = fn(batch.to(device))
             outputs.append(out.float().cpu())
         return torch.cat(outputs)
+
+    @staticmethod
+    def _dtype_of(X):
+        """Output dtype for ``X``: its own, float32 for streamed images."""
+        return np.float32 if isinstance(X, ImageCollection) else X.dtype
 
     def transform(self, X):
         """Posterior means of the latent codes of ``X``.
 
         Parameters
         ----------
-        X : array-like
-            Data shaped as at ``fit``.
+        X : array-like or Niimg-like
+            Data shaped as at ``fit``: arrays, or images on the training grid
+            (files are streamed).
 
         Returns
         -------
         Z : ndarray of shape (n_samples, n_components)
-            Posterior means, in the dtype of ``X`` (float32 or float64).
+            Posterior means, in the dtype of ``X`` (float32 or float64;
+            float32 for images).
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
         mu = self._batched(lambda b: self.module_.encode(b)[0], X)
-        return mu.numpy().astype(X.dtype, copy=False)
+        return mu.numpy().astype(self._dtype_of(X), copy=False)
+
+    def reconstruct(self, X):
+        """Reconstructions of ``X``: the decoded posterior means.
+
+        Parameters
+        ----------
+        X : array-like or Niimg-like
+            Data shaped as at ``fit``.
+
+        Returns
+        -------
+        X_reconstructed : ndarray or Nifti1Image
+            In raw intensities, zero outside the mask: an array shaped as the
+            training data, or one 4-D image (samples along the 4th axis) on
+            the training grid when the model was fitted on images.
+        """
+        check_is_fitted(self)
+        X = self._check_X(X, reset=False)
+        module = self.module_
+        values = self._batched(lambda b: module.decode(module.encode(b)[0]), X)
+        return self._to_output(values, self._dtype_of(X))
+
+    def reconstruction_error(self, X):
+        """Voxel-wise squared reconstruction error of each sample of ``X``.
+
+        ``(x - reconstruct(x)) ** 2`` in raw intensities, zero outside the
+        mask. In normative modelling, where the model is trained on healthy
+        subjects, large errors mark tissue the model finds atypical.
+
+        Parameters
+        ----------
+        X : array-like or Niimg-like
+            Data shaped as at ``fit``.
+
+        Returns
+        -------
+        errors : ndarray or Nifti1Image
+            Shaped as :meth:`reconstruct`'s output: an array, or one 4-D image
+            on the training grid when the model was fitted on images.
+        """
+        check_is_fitted(self)
+        X = self._check_X(X, reset=False)
+        module = self.module_
+        values = self._batched(lambda b: module.decode(module.encode(b)[0]), X)
+        dtype = self._dtype_of(X)
+        recon = self._preprocessing().inverse(values.numpy().astype(dtype))
+        raw = X.load() if isinstance(X, ImageCollection) else np.asarray(X, dtype)
+        errors = (raw.reshape(recon.shape) - recon) ** 2
+        if getattr(self, "_mask", None) is not None:
+            errors[..., ~self._mask] = 0
+        errors = errors.reshape(errors.shape[0], *self.input_shape_)
+        if getattr(self, "affine_", None) is not None:
+            return to_img(errors, self.affine_)
+        return errors
 
     def _check_Z(self, Z) -> np.ndarray:
         Z = check_array(Z, dtype=_DTYPES, input_name="Z", estimator=self)
@@ -565,8 +834,10 @@ or (n_samples, channels, x, y, z)
 
         Returns
         -------
-        X_original : ndarray
-            Decoded samples shaped as the training data, in the dtype of ``X``.
+        X_original : ndarray or Nifti1Image
+            Decoded samples in raw intensities (zero outside the mask), in the
+            dtype of ``X``: an array shaped as the training data, or one 4-D
+            image on the training grid when the model was fitted on images.
         """
         check_is_fitted(self)
         Z = self._check_Z(X)
@@ -590,8 +861,10 @@ or (n_samples, channels, x, y, z)
 
         Returns
         -------
-        X : ndarray of shape (n_samples, ...)
-            Samples shaped as the training data, in the training dtype.
+        X : ndarray of shape (n_samples, ...) or Nifti1Image
+            Samples in raw intensities (zero outside the mask), in the
+            training dtype: an array shaped as the training data, or one 4-D
+            image on the training grid when the model was fitted on images.
         """
         check_is_fitted(self)
         check_value(self, "n_samples", n_samples, Interval(int, 1))
@@ -611,9 +884,14 @@ or (n_samples, channels, x, y, z)
         so scores are deterministic and do not depend on which other samples
         are scored with them.
 
+        The ELBO is of the data in raw intensities: the network models the
+        scaled data, and the log-Jacobian of the scaling,
+        ``-n_values * log(intensity_scale_)``, is added. With a mask only the
+        voxels inside it are modelled.
+
         Parameters
         ----------
-        X : array-like
+        X : array-like or Niimg-like
             Data shaped as at ``fit``.
 
         Returns
@@ -623,14 +901,15 @@ or (n_samples, channels, x, y, z)
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
-        return self._batched(self.module_.elbo, X).numpy().astype(np.float64)
+        elbo = self._batched(self.module_.elbo, X).numpy().astype(np.float64)
+        return elbo - self._n_likelihood_features() * math.log(self.intensity_scale_)
 
     def score(self, X, y=None) -> float:
         """Mean ELBO per sample (higher is better, as scikit-learn expects).
 
         Parameters
         ----------
-        X : array-like
+        X : array-like or Niimg-like
             Data shaped as at ``fit``.
         y : None
             Ignored.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 FORMAT_NAME = "neurovae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _KEYS = {
     "format",
     "format_version",
@@ -27,6 +27,10 @@ _KEYS = {
     "fitted",
     "state_dict",
 }
+_OPTIONAL_KEYS = {"arrays"}  # version 2: fitted arrays (the brain mask)
+# a mask_img parameter that is not JSON (an image) is saved as this marker and
+# loads as the fitted mask, which is the same mask on the training grid
+_FITTED_MASK = {"neurovae": "fitted mask"}
 # fitted attributes stored in the JSON part (the module is the state dict)
 _REQUIRED = (
     "n_features_in_",
@@ -45,6 +49,9 @@ _FITTED = (
     "best_epoch_",
     "_seed",
     "_fit_dtype",
+    "affine_",
+    "intensity_offset_",
+    "intensity_scale_",
 )
 
 
@@ -114,6 +121,42 @@ def _check_fitted_values(fitted: dict) -> None:
     best = fitted.get("best_epoch_")
     if best is not None and not _is_int(best):
         raise ValueError("best_epoch_ must be a non-negative int or None")
+    affine = fitted.get("affine_")
+    if affine is not None:
+        values = np.asarray(affine, dtype=object)
+        if values.shape != (4, 4) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values.ravel()
+        ):
+            raise ValueError("affine_ must be a 4 x 4 matrix of finite numbers")
+        if len(shape) != 3:
+            raise ValueError("affine_ needs 3-D samples (input_shape_ of 3 ints)")
+    offset = fitted.get("intensity_offset_", 0.0)
+    scale = fitted.get("intensity_scale_", 1.0)
+    if not (
+        all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            for v in (offset, scale)
+        )
+        and math.isfinite(offset)
+        and math.isfinite(scale)
+        and scale > 0
+    ):
+        raise ValueError("intensity_offset_ must be finite and intensity_scale_ > 0")
+
+
+def _check_mask_array(mask, fitted: dict) -> np.ndarray:
+    """The stored brain mask: a bool tensor of the samples' spatial shape."""
+    shape = tuple(fitted["input_shape_"])
+    if not (
+        isinstance(mask, torch.Tensor)
+        and mask.dtype == torch.bool
+        and len(shape) >= 3
+        and tuple(mask.shape) == shape[-3:]
+        and bool(mask.any())
+    ):
+        raise ValueError("the stored mask must be a non-empty bool tensor of the grid")
+    return mask.numpy().copy()
 
 
 def save(estimator, path) -> None:
@@ -143,10 +186,14 @@ def save(estimator, path) -> None:
 
     check_is_fitted(estimator)
     name = type(estimator).__name__
-    params = {
-        k: _to_json(v, f"{name}.{k}")
-        for k, v in estimator.get_params(deep=False).items()
-    }
+    params = estimator.get_params(deep=False)
+    mask = getattr(estimator, "_mask", None)
+    if "mask_img" in params and params["mask_img"] is not None:
+        if mask is None:  # set after fitting: saved as the fit saw it, None
+            params["mask_img"] = None
+        elif not isinstance(params["mask_img"], str):
+            params["mask_img"] = _FITTED_MASK
+    params = {k: _to_json(v, f"{name}.{k}") for k, v in params.items()}
     fitted = {
         k: _to_json(getattr(estimator, k), f"{name}.{k}")
         for k in _FITTED
@@ -161,6 +208,8 @@ def save(estimator, path) -> None:
         "fitted": json.dumps(fitted),
         "state_dict": estimator._module_state(),
     }
+    if mask is not None:
+        payload["arrays"] = {"mask": torch.from_numpy(np.array(mask, dtype=bool))}
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -232,7 +281,7 @@ def load(path):
             f"({neurovae.__version__}) reads versions up to {FORMAT_VERSION}. "
             "Upgrade neurovae to load it."
         )
-    unknown = set(payload) - _KEYS
+    unknown = set(payload) - _KEYS - _OPTIONAL_KEYS
     missing = _KEYS - set(payload)
     if unknown or missing:
         raise ValueError(
@@ -250,6 +299,9 @@ def load(path):
         raise ValueError(f"{path!s}: unreadable parameters ({exc})") from exc
     if not (isinstance(params, dict) and isinstance(fitted, dict)):
         raise ValueError(f"{path!s}: parameters and fitted attributes must be dicts")
+    fitted_mask = params.get("mask_img") == _FITTED_MASK
+    if fitted_mask:
+        params["mask_img"] = None  # replaced by the stored mask below
     params = {k: _from_json(v) for k, v in params.items()}
     valid = set(cls().get_params(deep=False))
     if set(params) - valid:
@@ -269,12 +321,31 @@ def load(path):
         _check_fitted_values(fitted)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path!s}: invalid model description: {exc}") from exc
+    arrays = payload.get("arrays", {})
+    if not isinstance(arrays, dict) or set(arrays) - {"mask"}:
+        raise ValueError(f"{path!s}: unknown stored arrays")
     for key, value in fitted.items():
         if key == "input_shape_":
             value = tuple(value)
         elif key == "feature_names_in_":
             value = np.asarray(value, dtype=object)
+        elif key == "affine_":
+            value = np.asarray(value, dtype=np.float64)
         setattr(estimator, key, value)
+    for key, default in (("intensity_offset_", 0.0), ("intensity_scale_", 1.0)):
+        if key not in fitted:  # version 1 files: models without scaling
+            setattr(estimator, key, default)
+    estimator._mask = None
+    if "mask" in arrays:
+        try:
+            estimator._mask = _check_mask_array(arrays["mask"], fitted)
+        except ValueError as exc:
+            raise ValueError(f"{path!s}: {exc}") from exc
+        estimator.mask_img_ = estimator._mask_output()
+    if fitted_mask:
+        if estimator._mask is None:
+            raise ValueError(f"{path!s}: mask_img refers to a mask that is missing")
+        estimator.mask_img = estimator.mask_img_
     state = payload["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path!s}: the weights are not a state dict")

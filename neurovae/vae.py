@@ -67,7 +67,28 @@ default="auto"
         0 silent, 1 a progress bar with the current loss, 2 one line per epoch.
     warm_start : bool, default=False
         Continue from the fitted weights (with a fresh optimiser) instead of
-        starting from scratch; ``history_`` and ``n_iter_`` accumulate."""
+        starting from scratch; ``history_`` and ``n_iter_`` accumulate. The
+        mask and scaling of the first fit are kept.
+    mask_img : Niimg-like, ndarray of bool or None, default=None
+        Brain mask of volume data: a 3-D image or path (resampled to the
+        training grid with nearest-neighbour interpolation if its grid
+        differs), or a boolean array of the volumes' spatial shape. Only
+        voxels inside it count in the loss, and outputs are zero outside it
+        (where input values, even NaN, are ignored). Not for 2-D X: a
+        ``NiftiMasker`` has already applied its mask.
+    scaling : {"auto", "minmax", "zscore"} or None, default="auto"
+        Intensity scaling fitted on the training data (inside the mask): to
+        [0, 1] ("minmax"), or to zero mean and unit variance ("zscore"), with
+        one offset and one scale for all voxels (and features), so that raw
+        scanner intensities train without manual preprocessing. "auto" is
+        "minmax" for ``likelihood="bernoulli"`` (which needs [0, 1]) and
+        "zscore" otherwise; None leaves the data as it is. Outputs are mapped
+        back to raw intensities and scores are of the raw data;
+        ``history_`` holds losses of the scaled data.
+    num_workers : int, default=0
+        Worker processes reading images from files while the model trains
+        (a ``torch`` ``DataLoader``); 0 reads them in the main process. Only
+        used for Niimg-like input that lives on disk."""
 
 _COMMON_ATTRIBUTES = """
     module_ : neurovae.nn.VAEModule
@@ -88,7 +109,16 @@ _COMMON_ATTRIBUTES = """
         Feature names, when ``X`` had string column names.
     input_shape_ : tuple of int
         Shape of one training sample: ``(n_features,)``, ``(x, y, z)`` or
-        ``(channels, x, y, z)``."""
+        ``(channels, x, y, z)``.
+    affine_ : ndarray of shape (4, 4)
+        Voxel-to-world affine of the training images (only when fitted on
+        images); outputs are images on this grid.
+    mask_img_ : Nifti1Image or ndarray of bool
+        The mask on the training grid (only with ``mask_img``): an image when
+        fitted on images, otherwise a boolean array.
+    intensity_offset_, intensity_scale_ : float
+        The fitted scaling: the network sees ``(X - intensity_offset_) /
+        intensity_scale_`` (0 and 1 with ``scaling=None``)."""
 
 
 class VAE(BaseVAE):
@@ -156,6 +186,9 @@ class VAE(BaseVAE):
         random_state=None,
         verbose=0,
         warm_start=False,
+        mask_img=None,
+        scaling="auto",
+        num_workers=0,
     ):
         self.n_components = n_components
         self.backbone = backbone
@@ -179,6 +212,9 @@ class VAE(BaseVAE):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.mask_img = mask_img
+        self.scaling = scaling
+        self.num_workers = num_workers
 
     def _build_module(self, sample_shape, stats) -> VAEModule:
         return self._vae_module(sample_shape, stats)
@@ -284,6 +320,9 @@ class BetaVAE(VAE):
         random_state=None,
         verbose=0,
         warm_start=False,
+        mask_img=None,
+        scaling="auto",
+        num_workers=0,
     ):
         super().__init__(
             n_components,
@@ -308,6 +347,9 @@ class BetaVAE(VAE):
             random_state=random_state,
             verbose=verbose,
             warm_start=warm_start,
+            mask_img=mask_img,
+            scaling=scaling,
+            num_workers=num_workers,
         )
         self.beta_schedule = beta_schedule
         self.warmup_iter = warmup_iter

@@ -211,8 +211,13 @@ def test_bernoulli_likelihood(small):
 @pytest.mark.parametrize("low, high", [(-0.5, 1.0), (0.0, 1.5)])
 def test_bernoulli_rejects_data_outside_unit_interval(low, high, small):
     X = np.random.default_rng(0).uniform(low, high, size=(30, 4))
+    vae = VAE(n_components=2, likelihood="bernoulli", scaling=None, **small)
     with pytest.raises(ValueError, match=r"bernoulli.*\[0, 1\]"):
-        VAE(n_components=2, likelihood="bernoulli", **small).fit(X)
+        vae.fit(X)
+    # the default scaling ("auto": minmax for bernoulli) maps X into [0, 1]
+    VAE(n_components=2, likelihood="bernoulli", **small).fit(X)
+    with pytest.raises(ValueError, match=r"bernoulli.*\[0, 1\].*zscore"):
+        vae.set_params(scaling="zscore").fit(X)
 
 
 # ----------------------------------------------------------------------
@@ -691,7 +696,7 @@ def test_failed_fit_leaves_no_fitted_model(X, small):
     # a failed refit does not leave the old model next to the new shape
     est.set_params(backbone="auto").fit(X)
     with pytest.raises(ValueError):
-        est.set_params(likelihood="bernoulli").fit(X[:, :4])
+        est.set_params(likelihood="bernoulli", scaling=None).fit(X[:, :4])
     with pytest.raises(NotFittedError):
         est.transform(X[:, :4])
 

@@ -20,6 +20,20 @@ from torch import nn
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _sum_features(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample sum over features, of those inside ``mask`` when given."""
+    if mask is not None:
+        values = values * mask
+    return values.flatten(1).sum(dim=1)
+
+
+def _register_mask(module: nn.Module, mask) -> None:
+    """A float 0 / 1 buffer ``mask`` (None: every feature counts)."""
+    if mask is not None:
+        mask = torch.as_tensor(mask).to(torch.float32)
+    module.register_buffer("mask", mask)
+
+
 def _inverse_softplus(y: float) -> float:
     # softplus(x) = log(1 + exp(x)); stable inverse for y > 0.
     return y + math.log(-math.expm1(-y))
@@ -34,8 +48,10 @@ class _LearnedScaleLikelihood(nn.Module):
         scale: str = "global",
         init_scale: float = 1.0,
         min_scale: float = 1e-3,
+        mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        _register_mask(self, mask)
         if scale not in ("global", "feature"):
             raise ValueError(f"scale must be 'global' or 'feature', got {scale!r}")
         if not min_scale > 0:
@@ -58,7 +74,7 @@ class _LearnedScaleLikelihood(nn.Module):
     def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Log-likelihood of each sample of ``x``, summed over its features."""
         residual = x - out.float()
-        return self._log_density(residual, self.scale).flatten(1).sum(dim=1)
+        return _sum_features(self._log_density(residual, self.scale), self.mask)
 
     def _log_density(self, residual: torch.Tensor, scale: torch.Tensor):
         """Per-feature log-density of ``x - location`` at ``scale``."""
@@ -78,6 +94,9 @@ class GaussianLikelihood(_LearnedScaleLikelihood):
         Starting value of the scale, typically the data's standard deviation.
     min_scale : float, default=1e-3
         Lower bound of the scale.
+    mask : torch.Tensor, optional
+        Features that count (1) and those ignored (0), broadcast to one sample
+        (e.g. a brain mask of shape ``(x, y, z)``); None counts all.
 
     Attributes
     ----------
@@ -123,6 +142,9 @@ class LaplaceLikelihood(_LearnedScaleLikelihood):
         Starting value of the scale.
     min_scale : float, default=1e-3
         Lower bound of the scale.
+    mask : torch.Tensor, optional
+        Features that count (1) and those ignored (0), broadcast to one sample
+        (e.g. a brain mask of shape ``(x, y, z)``); None counts all.
 
     Attributes
     ----------
@@ -157,6 +179,12 @@ class BernoulliLikelihood(nn.Module):
     Values strictly between 0 and 1 are treated as probabilities (the
     continuous relaxation used for grey-level images). It has no parameters.
 
+    Parameters
+    ----------
+    mask : torch.Tensor, optional
+        Features that count (1) and those ignored (0), broadcast to one
+        sample; None counts all.
+
     See Also
     --------
     make_likelihood : Build a likelihood by name.
@@ -173,10 +201,14 @@ class BernoulliLikelihood(nn.Module):
     tensor([-1.3863])
     """
 
+    def __init__(self, mask: torch.Tensor | None = None) -> None:
+        super().__init__()
+        _register_mask(self, mask)
+
     def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Log-likelihood of each sample of ``x``, summed over its features."""
         nll = F.binary_cross_entropy_with_logits(out.float(), x, reduction="none")
-        return -nll.flatten(1).sum(dim=1)
+        return -_sum_features(nll, self.mask)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         """Success probabilities, ``sigmoid(out)``."""
@@ -189,6 +221,7 @@ def make_likelihood(
     scale: str = "global",
     init_scale: float = 1.0,
     min_scale: float = 1e-3,
+    mask: torch.Tensor | None = None,
 ) -> nn.Module:
     """Build the likelihood called ``name`` ("gaussian", "laplace", "bernoulli").
 
@@ -204,6 +237,9 @@ def make_likelihood(
         Starting scale of the Gaussian and Laplace likelihoods.
     min_scale : float, default=1e-3
         Lower bound of the scale of the Gaussian and Laplace likelihoods.
+    mask : torch.Tensor, optional
+        Features counted in the log-likelihood (1) and ignored (0), broadcast
+        to one sample; None counts every feature.
 
     Returns
     -------
@@ -225,9 +261,9 @@ def make_likelihood(
     BernoulliLikelihood()
     """
     if name == "gaussian":
-        return GaussianLikelihood(event_shape, scale, init_scale, min_scale)
+        return GaussianLikelihood(event_shape, scale, init_scale, min_scale, mask)
     if name == "laplace":
-        return LaplaceLikelihood(event_shape, scale, init_scale, min_scale)
+        return LaplaceLikelihood(event_shape, scale, init_scale, min_scale, mask)
     if name == "bernoulli":
-        return BernoulliLikelihood()
+        return BernoulliLikelihood(mask)
     raise ValueError(f"unknown likelihood {name!r}")

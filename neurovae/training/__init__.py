@@ -6,7 +6,7 @@ clipping, mixed precision and progress reporting. Models plug in through the
 ``module(batch) -> dict of losses`` protocol and :class:`Hook` objects.
 """
 
-from neurovae.training.data import TensorBatches
+from neurovae.training.data import DatasetBatches, TensorBatches
 from neurovae.training.device import PRECISIONS, autocast, local_rng, resolve_device
 from neurovae.training.engine import (
     DivergenceError,
@@ -29,6 +29,7 @@ __all__ = [
     "PRECISIONS",
     "Constant",
     "Cyclical",
+    "DatasetBatches",
     "DivergenceError",
     "Engine",
     "EngineConfig",

@@ -2,7 +2,9 @@
 
 In-memory tensors are batched by slicing a seeded permutation, which is what a
 hand-written torch loop does and several times faster than a ``DataLoader``
-over a ``TensorDataset`` (no per-sample indexing or collation).
+over a ``TensorDataset`` (no per-sample indexing or collation). Data that does
+not fit in memory comes from a ``Dataset`` read by a ``DataLoader``, with the
+same seeded permutation, so both give the same batches in the same order.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+
+def _permutation(n: int, shuffle: bool, generator) -> torch.Tensor | None:
+    """The order of one pass: a fresh permutation, or None for in order."""
+    return torch.randperm(n, generator=generator) if shuffle else None
 
 
 class TensorBatches:
@@ -61,12 +68,99 @@ class TensorBatches:
         n, bs = self.n_samples, self.batch_size
         home = self.tensors[0].device
         move = self.device is not None and home != self.device
-        perm = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        perm = _permutation(n, self.shuffle, self.generator)
         if perm is not None and home.type != "cpu":
             perm = perm.to(home)
         for start in range(0, n, bs):
             sel = slice(start, start + bs) if perm is None else perm[start : start + bs]
             batch = tuple(t[sel] for t in self.tensors)
             if move:
+                batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+            yield batch
+
+
+class _BatchSampler(torch.utils.data.Sampler):
+    """Index batches of :class:`TensorBatches`' permutation, for a DataLoader."""
+
+    def __init__(self, n_samples: int, batch_size: int, shuffle: bool, generator):
+        self.n_samples, self.batch_size = n_samples, batch_size
+        self.shuffle, self.generator = shuffle, generator
+
+    def __len__(self) -> int:
+        return -(-self.n_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n, bs = self.n_samples, self.batch_size
+        perm = _permutation(n, self.shuffle, self.generator)
+        order = list(range(n)) if perm is None else perm.tolist()
+        for start in range(0, n, bs):
+            yield order[start : start + bs]
+
+
+class DatasetBatches:
+    """Iterate over minibatches of a ``torch`` dataset through a DataLoader.
+
+    The batches are those :class:`TensorBatches` would give for the same
+    data, batch size and generator: the same samples in the same order. Items
+    are read by ``num_workers`` worker processes (kept alive between passes)
+    while the model trains.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        A map-style dataset whose items are tuples of tensors.
+    batch_size : int
+        Samples per batch; the last batch may be smaller.
+    shuffle : bool
+        Draw a fresh permutation for every pass.
+    generator : torch.Generator, optional
+        Generator of the permutation (CPU).
+    device : torch.device, optional
+        Where batches are moved (non-blocking, from pinned memory on CUDA).
+    num_workers : int, default=0
+        Worker processes reading items; 0 reads them in this process.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from neurovae.training import DatasetBatches
+    >>> dataset = TensorDataset(torch.arange(5.0))
+    >>> batches = DatasetBatches(dataset, batch_size=2, shuffle=False)
+    >>> [b[0].tolist() for b in batches]
+    [[0.0, 1.0], [2.0, 3.0], [4.0]]
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.n_samples = len(dataset)
+        self.batch_size = int(batch_size)
+        self.device = device
+        pin = device is not None and device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=_BatchSampler(
+                self.n_samples, self.batch_size, shuffle, generator
+            ),
+            num_workers=num_workers,
+            pin_memory=pin,
+            persistent_workers=num_workers > 0,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in self.loader:
+            batch = tuple(batch)
+            if self.device is not None:
                 batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
             yield batch

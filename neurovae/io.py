@@ -1,0 +1,592 @@
+"""Niimg-like input and output.
+
+What turns images into the arrays and tensors the models see, and back:
+
+- :func:`check_niimgs` reads Niimg-like input (a 4-D image with samples along
+  the 4th axis, a list of 3-D images, or paths to ``.nii`` / ``.nii.gz``
+  files), checks that every image shares one grid (shape and affine) and
+  returns an :class:`ImageCollection` that loads samples on demand: images
+  that live on disk are read lazily, a few at a time.
+- :class:`VolumeDataset` is the ``torch`` dataset over such a collection, read
+  by a ``DataLoader`` (with worker processes) when a study does not fit in
+  memory.
+- :func:`check_mask` and :class:`Preprocessing` restrict a model to brain
+  voxels and scale raw intensities (``"minmax"`` or ``"zscore"``, fitted on
+  the training data and inverted on output).
+- :func:`to_img` puts arrays of samples back on the training grid as one 4-D
+  ``Nifti1Image``, as ``NiftiMasker.inverse_transform`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.spatialimages import SpatialImage
+
+_AFFINE_ATOL = 1e-4  # affines closer than this (in mm) describe one grid
+
+
+def is_niimg_like(X) -> bool:
+    """Whether ``X`` is Niimg-like: an image, a path, or a list of them.
+
+    Parameters
+    ----------
+    X : object
+        Anything a user may pass as data.
+
+    Returns
+    -------
+    bool
+        True for a nibabel spatial image, a path (``str`` or path-like), or a
+        non-empty list or tuple whose first element is one of these.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> from neurovae.io import is_niimg_like
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.float32), np.eye(4))
+    >>> is_niimg_like(img), is_niimg_like([img, img]), is_niimg_like("a.nii.gz")
+    (True, True, True)
+    >>> is_niimg_like(np.zeros((4, 2, 2, 2)))
+    False
+    """
+    if isinstance(X, (SpatialImage, str, os.PathLike)):
+        return True
+    return (
+        isinstance(X, (list, tuple))
+        and len(X) > 0
+        and isinstance(X[0], (SpatialImage, str, os.PathLike))
+    )
+
+
+def _describe(item, where: str) -> str:
+    """``X[3] ('sub-03.nii.gz')`` or ``X[3]`` for an in-memory image."""
+    if isinstance(item, (str, os.PathLike)):
+        return f"{where} ({os.fspath(item)!r})"
+    return where
+
+
+def _load(item, where: str) -> SpatialImage:
+    """A nibabel image for a path or image (data not read), or a clear error."""
+    if isinstance(item, SpatialImage):
+        return item
+    if not isinstance(item, (str, os.PathLike)):
+        raise TypeError(
+            f"{where} is a {type(item).__name__}; Niimg-like input is a 4-D "
+            "image, or a list of 3-D images or of paths to NIfTI files."
+        )
+    path = os.fspath(item)
+    if not os.path.exists(path):
+        raise ValueError(f"{where}: the file {path!r} does not exist.")
+    try:
+        return nib.load(path)
+    except Exception as exc:  # nibabel raises several types for bad files
+        raise ValueError(
+            f"{where}: cannot read {path!r} as an image ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One sample: an image (maybe a file proxy) and its frame, if 4-D."""
+
+    image: SpatialImage
+    frame: int | None
+    where: str
+
+
+class ImageCollection:
+    """Samples on one grid, loaded on demand from images or files.
+
+    Built by :func:`check_niimgs`. Data of images that live on disk is read
+    only when a sample is asked for, so a collection of many files costs
+    almost no memory.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        The spatial shape ``(x, y, z)`` of every sample.
+    affine : ndarray of shape (4, 4)
+        The voxel-to-world affine shared by every sample.
+    n_samples : int
+        Number of samples.
+    in_memory : bool
+        True when every image holds its data in memory (no file proxies).
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> from neurovae.io import check_niimgs
+    >>> img = nib.Nifti1Image(np.ones((3, 4, 5, 6), dtype=np.float32), np.eye(4))
+    >>> images = check_niimgs(img)  # a 4-D image: 6 samples of shape (3, 4, 5)
+    >>> images.n_samples, images.shape
+    (6, (3, 4, 5))
+    >>> images.load([0, 2]).shape
+    (2, 3, 4, 5)
+    """
+
+    def __init__(
+        self, samples: Sequence[_Sample], shape: tuple[int, ...], affine: np.ndarray
+    ) -> None:
+        self._samples = list(samples)
+        self.shape = tuple(int(s) for s in shape)
+        self.affine = np.asarray(affine, dtype=np.float64)
+        self.n_samples = len(self._samples)
+        self.in_memory = not any(nib.is_proxy(s.image.dataobj) for s in self._samples)
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def where(self, index: int) -> str:
+        """How the sample at ``index`` is named in error messages."""
+        return self._samples[index].where
+
+    def read(self, index: int) -> np.ndarray:
+        """The sample at ``index`` as a float32 array of shape :attr:`shape`."""
+        sample = self._samples[index]
+        data = sample.image.dataobj
+        try:
+            if sample.frame is None:
+                values = np.asarray(data, dtype=np.float32)
+            else:
+                values = np.asarray(data[..., sample.frame], dtype=np.float32)
+        except Exception as exc:  # truncated or corrupt files fail here
+            raise ValueError(
+                f"{sample.where}: reading the image data failed "
+                f"({type(exc).__name__}: {exc})."
+            ) from exc
+        return values.reshape(self.shape)
+
+    def load(self, indices: Iterable[int] | None = None) -> np.ndarray:
+        """Samples ``indices`` (all by default) as one float32 array."""
+        if indices is None:
+            indices = range(self.n_samples)
+        indices = list(indices)
+        out = np.empty((len(indices), *self.shape), dtype=np.float32)
+        for row, index in enumerate(indices):
+            out[row] = self.read(index)
+        return out
+
+
+def _grid_error(where, what, got, expected, reference) -> ValueError:
+    return ValueError(
+        f"{where} has {what} {got}, but {reference} has {what} {expected}; all "
+        "images must share one grid (resample them first, e.g. with "
+        "nilearn.image.resample_to_img)."
+    )
+
+
+def check_niimgs(
+    X,
+    *,
+    shape: tuple[int, ...] | None = None,
+    affine: np.ndarray | None = None,
+    name: str = "X",
+) -> ImageCollection:
+    """Check Niimg-like input and return its samples as a lazy collection.
+
+    Parameters
+    ----------
+    X : Niimg-like
+        A 4-D image or path to one (samples along the 4th axis), or a list of
+        3-D images or paths (one sample each). A 3-D image with a trailing
+        axis of length one counts as 3-D.
+    shape, affine : optional
+        The grid the images must be on (e.g. a fitted model's). By default the
+        first image sets the grid.
+    name : str, default="X"
+        The argument's name in error messages.
+
+    Returns
+    -------
+    ImageCollection
+        The samples; data on disk is not read yet (headers are).
+
+    Raises
+    ------
+    ValueError
+        For a single 3-D image (pass a list, or a 4-D image), a 4-D image
+        inside a list, an empty list, files that are missing or unreadable,
+        and images whose shape or affine differs from the first image (or
+        from ``shape`` / ``affine``); the message names the first bad image.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> from neurovae.io import check_niimgs
+    >>> imgs = [nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))] * 3
+    >>> check_niimgs(imgs).n_samples
+    3
+    >>> shifted = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), 2 * np.eye(4))
+    >>> check_niimgs(imgs + [shifted])
+    Traceback (most recent call last):
+    ...
+    ValueError: X[3] has affine ...
+    """
+    samples: list[_Sample] = []
+    if isinstance(X, (SpatialImage, str, os.PathLike)):
+        img = _load(X, name)
+        where = _describe(X, name)
+        if len(img.shape) == 4 and img.shape[3] >= 1:
+            samples = [
+                _Sample(img, t, f"{where}, volume {t}") for t in range(img.shape[3])
+            ]
+        else:
+            raise ValueError(
+                f"{name} is a single {len(img.shape)}-D image of shape "
+                f"{img.shape}; pass a 4-D image (samples along the 4th axis) or "
+                "a list of 3-D images, one per sample (e.g. [img] for one)."
+            )
+    elif isinstance(X, (list, tuple)):
+        if len(X) == 0:
+            raise ValueError(f"{name} is an empty list; it must hold images.")
+        for i, item in enumerate(X):
+            where = _describe(item, f"{name}[{i}]")
+            img = _load(item, where)
+            img_shape = tuple(img.shape)
+            if len(img_shape) == 4 and img_shape[3] == 1:
+                samples.append(_Sample(img, 0, where))
+            elif len(img_shape) == 3:
+                samples.append(_Sample(img, None, where))
+            else:
+                raise ValueError(
+                    f"{where} is a {len(img_shape)}-D image of shape {img_shape}; "
+                    f"a list must hold 3-D images, one per sample. Pass a 4-D "
+                    "image by itself, or split it (nilearn.image.iter_img)."
+                )
+    else:
+        raise TypeError(
+            f"{name} of type {type(X).__name__} is not Niimg-like (a 4-D image, "
+            "or a list of 3-D images or of file paths)."
+        )
+    first = samples[0]
+    first_name = first.where.split(", volume")[0]
+    shape_ref = affine_ref = "the model's training grid"
+    if shape is None:
+        shape, shape_ref = first.image.shape[:3], first_name
+    if affine is None:
+        affine, affine_ref = first.image.affine, first_name
+    shape = tuple(int(s) for s in shape)
+    affine = np.asarray(affine, dtype=np.float64)
+    seen = set()
+    for sample in samples:
+        img = sample.image
+        if id(img) in seen:  # the frames of one 4-D image share its grid
+            continue
+        seen.add(id(img))
+        where = sample.where.split(", volume")[0]
+        if tuple(img.shape[:3]) != shape:
+            raise _grid_error(where, "shape", tuple(img.shape[:3]), shape, shape_ref)
+        if img.affine is None or not np.allclose(
+            img.affine, affine, atol=_AFFINE_ATOL, rtol=0
+        ):
+            raise _grid_error(
+                where,
+                "affine",
+                np.array2string(np.asarray(img.affine), precision=3),
+                np.array2string(affine, precision=3),
+                affine_ref,
+            )
+    return ImageCollection(samples, shape, affine)
+
+
+def to_img(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """Samples ``(n, x, y, z)`` as one 4-D image, samples along the 4th axis.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_samples, x, y, z)
+        Volumes on the grid of ``affine``.
+    affine : ndarray of shape (4, 4)
+        Voxel-to-world affine.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        A 4-D image of shape ``(x, y, z, n_samples)``, in the dtype of
+        ``data``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neurovae.io import to_img
+    >>> to_img(np.zeros((5, 2, 3, 4), dtype=np.float32), np.eye(4)).shape
+    (2, 3, 4, 5)
+    """
+    data = np.asarray(data)
+    if data.ndim != 4:
+        raise ValueError(f"data must be (n_samples, x, y, z); got shape {data.shape}")
+    img = nib.Nifti1Image(np.moveaxis(data, 0, -1), np.asarray(affine, float))
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+# ----------------------------------------------------------------------
+# masks and intensity scaling
+# ----------------------------------------------------------------------
+def check_mask(mask_img, shape: tuple[int, ...], affine: np.ndarray | None):
+    """A boolean mask on the grid ``shape`` / ``affine``.
+
+    Parameters
+    ----------
+    mask_img : Niimg-like or array-like
+        A 3-D mask image (or path), resampled to the grid with
+        nearest-neighbour interpolation when its grid differs; or a boolean
+        (or 0 / 1) array of shape ``shape``.
+    shape : tuple of int
+        Spatial shape of the data.
+    affine : ndarray of shape (4, 4) or None
+        Affine of the data; None for data given as arrays (a mask image is
+        then used as is and must have shape ``shape``).
+
+    Returns
+    -------
+    mask : ndarray of bool and shape ``shape``
+
+    Raises
+    ------
+    ValueError
+        If the mask is not binary, has the wrong shape, or selects no voxel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neurovae.io import check_mask
+    >>> mask = np.zeros((4, 4, 4), dtype=bool)
+    >>> mask[1:3, 1:3, 1:3] = True
+    >>> int(check_mask(mask, (4, 4, 4), None).sum())
+    8
+    """
+    from nilearn.masking import load_mask_img
+
+    if is_niimg_like(mask_img):
+        if isinstance(mask_img, (list, tuple)):
+            raise ValueError("mask_img must be one 3-D image, not a list.")
+        img = _load(mask_img, "mask_img")
+        if affine is not None and (
+            tuple(img.shape[:3]) != tuple(shape)
+            or not np.allclose(img.affine, affine, atol=_AFFINE_ATOL, rtol=0)
+        ):
+            from nilearn.image import resample_img
+
+            img = resample_img(
+                img,
+                target_affine=affine,
+                target_shape=tuple(shape),
+                interpolation="nearest",
+                force_resample=True,
+                copy_header=True,
+            )
+        try:
+            mask, _ = load_mask_img(img)
+        except Exception as exc:
+            raise ValueError(f"mask_img is not a valid mask: {exc}") from exc
+    else:
+        values = np.asarray(mask_img)
+        if values.dtype != bool:
+            if not (
+                np.issubdtype(values.dtype, np.number) and np.isin(values, (0, 1)).all()
+            ):
+                raise ValueError(
+                    "mask_img must be a boolean array (or of 0 and 1 only), or "
+                    "a mask image."
+                )
+            values = values.astype(bool)
+        mask = values
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"mask_img has shape {tuple(mask.shape)}, but the samples have "
+            f"shape {tuple(shape)}."
+        )
+    if not mask.any():
+        raise ValueError("mask_img selects no voxel.")
+    return np.ascontiguousarray(mask, dtype=bool)
+
+
+@dataclass
+class DataStatistics:
+    """Voxel statistics of a data set (float64, inside the mask).
+
+    Attributes
+    ----------
+    n_values : int
+        Number of values counted.
+    mean, std, min, max : float
+        Their mean, standard deviation, minimum and maximum.
+    """
+
+    n_values: int = 0
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+    min: float = math.inf
+    max: float = -math.inf
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n_values) if self.n_values else 0.0
+
+    def update(
+        self,
+        batch: np.ndarray,
+        mask: np.ndarray | None = None,
+        where: Sequence[str] | None = None,
+    ) -> None:
+        """Add the samples of ``batch`` (first axis) one by one.
+
+        Per-sample statistics are merged in order (Chan et al.), so the
+        result does not depend on how samples are grouped into batches.
+        ``mask`` (broadcast to one sample) selects the values counted;
+        ``where`` names the samples for the error raised on NaN or inf.
+        """
+        batch = np.asarray(batch)
+        rows = batch.reshape(len(batch), -1)
+        if mask is not None:
+            rows = rows[:, np.broadcast_to(mask, batch.shape[1:]).ravel()]
+        rows = rows.astype(np.float64)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            name = where[bad] if where is not None else f"sample {bad}"
+            raise ValueError(f"{name} contains NaN or infinite values.")
+        if rows.shape[1] == 0:
+            return
+        means = rows.mean(axis=1)
+        m2s = ((rows - means[:, None]) ** 2).sum(axis=1)
+        lows, highs = rows.min(axis=1), rows.max(axis=1)
+        size = rows.shape[1]
+        for mean, m2, low, high in zip(means, m2s, lows, highs):
+            n = self.n_values + size
+            delta = mean - self.mean
+            self.mean += delta * size / n
+            self.m2 += m2 + delta**2 * self.n_values * size / n
+            self.n_values = n
+            self.min = min(self.min, float(low))
+            self.max = max(self.max, float(high))
+
+
+class Preprocessing:
+    """Intensity scaling and masking of samples, and their inverse.
+
+    ``forward`` maps raw samples to what the network sees,
+    ``(x - offset) / scale`` with zeros outside the mask (whatever the raw
+    values there, NaN included); ``inverse`` maps
+    network outputs back to raw intensities, zero outside the mask.
+
+    Parameters
+    ----------
+    offset, scale : float
+        The scaling; ``scale > 0``.
+    mask : ndarray of bool or None
+        Voxels kept, of the samples' spatial shape (broadcast over channels).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from neurovae.io import Preprocessing
+    >>> prep = Preprocessing(offset=10.0, scale=2.0, mask=None)
+    >>> prep.forward(torch.tensor([[10.0, 14.0]]))
+    tensor([[0., 2.]])
+    >>> prep.inverse(np.array([[0.0, 2.0]]))
+    array([[10., 14.]])
+    """
+
+    def __init__(self, offset: float, scale: float, mask: np.ndarray | None) -> None:
+        self.offset = float(offset)
+        self.scale = float(scale)
+        self.mask = mask
+        self._outside = None if mask is None else torch.from_numpy(~mask)
+
+    @classmethod
+    def fit(
+        cls, stats: DataStatistics, scaling: str | None, mask: np.ndarray | None
+    ) -> Preprocessing:
+        """The scaling named ``scaling`` for data with statistics ``stats``."""
+        offset, scale = 0.0, 1.0
+        if scaling == "minmax":
+            offset, scale = stats.min, stats.max - stats.min
+        elif scaling == "zscore":
+            offset, scale = stats.mean, stats.std
+        if not (math.isfinite(scale) and scale > 0):  # constant data
+            scale = 1.0
+        return cls(offset, scale, mask)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.offset == 0.0 and self.scale == 1.0 and self.mask is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw float32 samples ``(n, ...)`` to network input (in place)."""
+        if self.offset != 0.0:
+            x.sub_(self.offset)
+        if self.scale != 1.0:
+            x.div_(self.scale)
+        if self._outside is not None:  # also clears NaN outside the brain
+            x.masked_fill_(self._outside.to(x.device), 0.0)
+        return x
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        """Network outputs ``(n, ...)`` back to raw intensities (in place)."""
+        if self.scale != 1.0:
+            values *= self.scale
+        if self.offset != 0.0:
+            values += self.offset
+        if self.mask is not None:
+            values *= np.broadcast_to(self.mask, values.shape[-self.mask.ndim :])
+        return values
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """A ``torch`` dataset reading the samples of an :class:`ImageCollection`.
+
+    Item ``i`` is a tuple holding the preprocessed float32 sample of shape
+    ``sample_shape`` and ``t[i]`` for each tensor ``t`` of ``targets``, read from
+    disk when the images are files. Pass it to a ``DataLoader`` with
+    ``num_workers > 0`` to read files in parallel with training.
+
+    Parameters
+    ----------
+    images : ImageCollection
+        The samples.
+    sample_shape : tuple of int
+        Shape of one sample as the network sees it, e.g. ``(1, x, y, z)``.
+    preprocessing : Preprocessing, optional
+        Scaling and mask applied to every sample.
+    targets : tuple of torch.Tensor, default=()
+        Per-sample tensors (e.g. labels) returned after the sample.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> from neurovae.io import VolumeDataset, check_niimgs
+    >>> img = nib.Nifti1Image(np.ones((3, 4, 5, 6), dtype=np.float32), np.eye(4))
+    >>> dataset = VolumeDataset(check_niimgs(img), (1, 3, 4, 5))
+    >>> len(dataset), dataset[0][0].shape
+    (6, torch.Size([1, 3, 4, 5]))
+    """
+
+    def __init__(
+        self,
+        images: ImageCollection,
+        sample_shape: tuple[int, ...],
+        preprocessing: Preprocessing | None = None,
+        targets: tuple[torch.Tensor, ...] = (),
+    ) -> None:
+        self.images = images
+        self.sample_shape = tuple(sample_shape)
+        self.preprocessing = preprocessing
+        self.targets = tuple(targets)
+
+    def __len__(self) -> int:
+        return self.images.n_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        x = torch.from_numpy(self.images.read(index)).reshape(self.sample_shape)
+        if self.preprocessing is not None:
+            x = self.preprocessing.forward(x[None])[0]
+        return (x, *(t[index] for t in self.targets))
