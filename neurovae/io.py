@@ -65,6 +65,11 @@ def is_niimg_like(X) -> bool:
     )
 
 
+def same_grid_affine(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two affines describe one grid (equal to 1e-4 mm)."""
+    return np.allclose(a, b, atol=_AFFINE_ATOL, rtol=0)
+
+
 def _describe(item, where: str) -> str:
     """``X[3] ('sub-03.nii.gz')`` or ``X[3]`` for an in-memory image."""
     if isinstance(item, (str, os.PathLike)):
@@ -143,19 +148,23 @@ class ImageCollection:
     def __len__(self) -> int:
         return self.n_samples
 
+    def frame(self, index: int) -> int | None:
+        """The 4th-axis index of sample ``index`` in its image (None: 3-D)."""
+        return self._samples[index].frame
+
     def where(self, index: int) -> str:
         """How the sample at ``index`` is named in error messages."""
         return self._samples[index].where
 
-    def read(self, index: int) -> np.ndarray:
-        """The sample at ``index`` as a float32 array of shape :attr:`shape`."""
+    def read(self, index: int, dtype=np.float32) -> np.ndarray:
+        """The sample at ``index`` as an array of shape :attr:`shape`."""
         sample = self._samples[index]
         data = sample.image.dataobj
         try:
             if sample.frame is None:
-                values = np.asarray(data, dtype=np.float32)
+                values = np.asarray(data, dtype=dtype)
             else:
-                values = np.asarray(data[..., sample.frame], dtype=np.float32)
+                values = np.asarray(data[..., sample.frame], dtype=dtype)
         except Exception as exc:  # truncated or corrupt files fail here
             raise ValueError(
                 f"{sample.where}: reading the image data failed "
@@ -163,14 +172,16 @@ class ImageCollection:
             ) from exc
         return values.reshape(self.shape)
 
-    def load(self, indices: Iterable[int] | None = None) -> np.ndarray:
-        """Samples ``indices`` (all by default) as one float32 array."""
+    def load(
+        self, indices: Iterable[int] | None = None, dtype=np.float32
+    ) -> np.ndarray:
+        """Samples ``indices`` (all by default) as one array ``(n, x, y, z)``."""
         if indices is None:
             indices = range(self.n_samples)
         indices = list(indices)
-        out = np.empty((len(indices), *self.shape), dtype=np.float32)
+        out = np.empty((len(indices), *self.shape), dtype=dtype)
         for row, index in enumerate(indices):
-            out[row] = self.read(index)
+            out[row] = self.read(index, dtype)
         return out
 
 
@@ -188,6 +199,7 @@ def check_niimgs(
     shape: tuple[int, ...] | None = None,
     affine: np.ndarray | None = None,
     name: str = "X",
+    allow_single: bool = False,
 ) -> ImageCollection:
     """Check Niimg-like input and return its samples as a lazy collection.
 
@@ -202,6 +214,9 @@ def check_niimgs(
         first image sets the grid.
     name : str, default="X"
         The argument's name in error messages.
+    allow_single : bool, default=False
+        Accept a single 3-D image as one sample (estimators refuse it, so that
+        a 3-D image passed by mistake for a 4-D one is not one sample).
 
     Returns
     -------
@@ -237,6 +252,8 @@ def check_niimgs(
             samples = [
                 _Sample(img, t, f"{where}, volume {t}") for t in range(img.shape[3])
             ]
+        elif allow_single and len(img.shape) == 3:
+            samples = [_Sample(img, None, where)]
         else:
             raise ValueError(
                 f"{name} is a single {len(img.shape)}-D image of shape "
@@ -283,9 +300,7 @@ def check_niimgs(
         where = sample.where.split(", volume")[0]
         if tuple(img.shape[:3]) != shape:
             raise _grid_error(where, "shape", tuple(img.shape[:3]), shape, shape_ref)
-        if img.affine is None or not np.allclose(
-            img.affine, affine, atol=_AFFINE_ATOL, rtol=0
-        ):
+        if img.affine is None or not same_grid_affine(img.affine, affine):
             raise _grid_error(
                 where,
                 "affine",
@@ -294,6 +309,66 @@ def check_niimgs(
                 affine_ref,
             )
     return ImageCollection(samples, shape, affine)
+
+
+def load_volumes(
+    data, *, name: str = "X", dtype=np.float64
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Volumes given as arrays or images, as one array ``(n, x, y, z)``.
+
+    For functions that take one volume or a batch (metrics, plots), in
+    memory: arrays ``(x, y, z)`` or ``(n, x, y, z)``, a 3-D or 4-D image, or
+    a list of 3-D images or paths on one grid (checked by
+    :func:`check_niimgs`).
+
+    Parameters
+    ----------
+    data : array-like or Niimg-like
+        One volume or a batch.
+    name : str, default="X"
+        The argument's name in error messages.
+    dtype : numpy dtype, default=np.float64
+        Dtype of the returned array.
+
+    Returns
+    -------
+    volumes : ndarray of shape (n, x, y, z)
+    affine : ndarray of shape (4, 4) or None
+        The images' affine; None for arrays.
+    batch : bool
+        False when ``data`` was a single volume.
+
+    Raises
+    ------
+    ValueError
+        For other shapes, images on different grids, empty data, NaN or inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neurovae.io import load_volumes
+    >>> volumes, affine, batch = load_volumes(np.zeros((4, 5, 6)))
+    >>> volumes.shape, affine, batch
+    ((1, 4, 5, 6), None, False)
+    """
+    if is_niimg_like(data):
+        images = check_niimgs(data, name=name, allow_single=True)
+        single = not isinstance(data, (list, tuple)) and images.frame(0) is None
+        volumes, affine, batch = images.load(dtype=dtype), images.affine, not single
+    else:
+        volumes, affine = np.asarray(data, dtype=dtype), None
+        if volumes.ndim not in (3, 4):
+            raise ValueError(
+                f"{name} must be one volume (x, y, z) or a batch (n, x, y, z); "
+                f"got an array of shape {volumes.shape}."
+            )
+        batch = volumes.ndim == 4
+        volumes = volumes if batch else volumes[None]
+    if volumes.size == 0:
+        raise ValueError(f"{name} is empty (shape {volumes.shape}).")
+    if not np.isfinite(volumes).all():
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    return volumes, affine, batch
 
 
 def to_img(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -330,7 +405,14 @@ def to_img(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 # ----------------------------------------------------------------------
 # masks and intensity scaling
 # ----------------------------------------------------------------------
-def check_mask(mask_img, shape: tuple[int, ...], affine: np.ndarray | None):
+def check_mask(
+    mask_img,
+    shape: tuple[int, ...],
+    affine: np.ndarray | None,
+    *,
+    resample: bool = True,
+    name: str = "mask_img",
+):
     """A boolean mask on the grid ``shape`` / ``affine``.
 
     Parameters
@@ -344,6 +426,10 @@ def check_mask(mask_img, shape: tuple[int, ...], affine: np.ndarray | None):
     affine : ndarray of shape (4, 4) or None
         Affine of the data; None for data given as arrays (a mask image is
         then used as is and must have shape ``shape``).
+    resample : bool, default=True
+        Resample a mask image on another grid; if False, that is an error.
+    name : str, default="mask_img"
+        The argument's name in error messages.
 
     Returns
     -------
@@ -367,12 +453,14 @@ def check_mask(mask_img, shape: tuple[int, ...], affine: np.ndarray | None):
 
     if is_niimg_like(mask_img):
         if isinstance(mask_img, (list, tuple)):
-            raise ValueError("mask_img must be one 3-D image, not a list.")
-        img = _load(mask_img, "mask_img")
+            raise ValueError(f"{name} must be one 3-D image, not a list.")
+        img = _load(mask_img, name)
         if affine is not None and (
             tuple(img.shape[:3]) != tuple(shape)
-            or not np.allclose(img.affine, affine, atol=_AFFINE_ATOL, rtol=0)
+            or not same_grid_affine(img.affine, affine)
         ):
+            if not resample:
+                raise ValueError(f"{name} is not on the grid of the data.")
             from nilearn.image import resample_img
 
             img = resample_img(
@@ -386,7 +474,7 @@ def check_mask(mask_img, shape: tuple[int, ...], affine: np.ndarray | None):
         try:
             mask, _ = load_mask_img(img)
         except Exception as exc:
-            raise ValueError(f"mask_img is not a valid mask: {exc}") from exc
+            raise ValueError(f"{name} is not a valid mask: {exc}") from exc
     else:
         values = np.asarray(mask_img)
         if values.dtype != bool:
@@ -394,18 +482,18 @@ def check_mask(mask_img, shape: tuple[int, ...], affine: np.ndarray | None):
                 np.issubdtype(values.dtype, np.number) and np.isin(values, (0, 1)).all()
             ):
                 raise ValueError(
-                    "mask_img must be a boolean array (or of 0 and 1 only), or "
+                    f"{name} must be a boolean array (or of 0 and 1 only), or "
                     "a mask image."
                 )
             values = values.astype(bool)
         mask = values
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(
-            f"mask_img has shape {tuple(mask.shape)}, but the samples have "
+            f"{name} has shape {tuple(mask.shape)}, but the samples have "
             f"shape {tuple(shape)}."
         )
     if not mask.any():
-        raise ValueError("mask_img selects no voxel.")
+        raise ValueError(f"{name} selects no voxel.")
     return np.ascontiguousarray(mask, dtype=bool)
 
 
