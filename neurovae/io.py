@@ -304,8 +304,8 @@ def check_niimgs(
             raise _grid_error(
                 where,
                 "affine",
-                np.array2string(np.asarray(img.affine), precision=3),
-                np.array2string(affine, precision=3),
+                np.round(np.asarray(img.affine, dtype=float), 4).tolist(),
+                np.round(affine, 4).tolist(),
                 affine_ref,
             )
     return ImageCollection(samples, shape, affine)
