@@ -66,7 +66,26 @@ def is_niimg_like(X) -> bool:
 
 
 def same_grid_affine(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two affines describe one grid (equal to 1e-4 mm)."""
+    """Whether two affines describe one grid (equal to 1e-4 mm).
+
+    Parameters
+    ----------
+    a, b : ndarray of shape (4, 4)
+        Voxel-to-world affines.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neurovae.io import same_grid_affine
+    >>> same_grid_affine(np.eye(4), np.eye(4) + 1e-6), same_grid_affine(
+    ...     np.eye(4), 2 * np.eye(4)
+    ... )
+    (True, False)
+    """
     return np.allclose(a, b, atol=_AFFINE_ATOL, rtol=0)
 
 
@@ -517,6 +536,7 @@ class DataStatistics:
 
     @property
     def std(self) -> float:
+        """Standard deviation of the values counted (0 before any)."""
         return math.sqrt(self.m2 / self.n_values) if self.n_values else 0.0
 
     def update(
@@ -606,6 +626,7 @@ class Preprocessing:
 
     @property
     def is_identity(self) -> bool:
+        """True when forward and inverse change nothing."""
         return self.offset == 0.0 and self.scale == 1.0 and self.mask is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neurovae.training.data import TensorBatches
+from neurovae.training.data import DatasetBatches, TensorBatches
 from neurovae.training.device import autocast
 from neurovae.training.optim import make_optimizer
 from neurovae.training.schedules import Schedule
+
+Batches = TensorBatches | DatasetBatches  # what the engine iterates over
 
 
 class DivergenceError(RuntimeError):
@@ -297,7 +299,7 @@ class Engine:
         )
 
     @torch.no_grad()
-    def evaluate(self, batches: TensorBatches) -> dict[str, float]:
+    def evaluate(self, batches: Batches) -> dict[str, float]:
         """Mean of every loss term over ``batches``, in eval mode.
 
         Scheduled weights are set to their final values, so that the losses of
@@ -321,7 +323,7 @@ class Engine:
             self.module.train(was_training)
         return {key: value / n_seen for key, value in sums.items()}
 
-    def _train_epoch(self, batches: TensorBatches) -> dict[str, float]:
+    def _train_epoch(self, batches: Batches) -> dict[str, float]:
         cfg = self.config
         module, optimizer, params = self.module, self.optimizer, self._params
         module.train()
@@ -393,8 +395,8 @@ class Engine:
     # -- main loop -------------------------------------------------------
     def fit(
         self,
-        train: TensorBatches,
-        val: TensorBatches | None = None,
+        train: Batches,
+        val: Batches | None = None,
         *,
         history: dict[str, list] | None = None,
         start_epoch: int = 0,
@@ -403,9 +405,9 @@ class Engine:
 
         Parameters
         ----------
-        train : TensorBatches
+        train : TensorBatches or DatasetBatches
             Training minibatches (shuffled by their own generator).
-        val : TensorBatches, optional
+        val : TensorBatches or DatasetBatches, optional
             Validation batches; needed for early stopping.
         history : dict, optional
             History to append to (``warm_start``).
