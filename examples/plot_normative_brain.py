@@ -55,7 +55,7 @@ print(
 vae = VAE(
     n_components=8,
     channels=(8, 16, 32),
-    max_iter=60,
+    max_iter=40,
     batch_size=16,
     mask_img=mask,
     random_state=0,
