@@ -225,7 +225,7 @@ def make_ellipsoids(
 
     Returns
     -------
-    X : ndarray of shape (n_samples, *shape), float32, or Nifti1Image
+    X : ndarray of shape (n_samples, x, y, z), float32, or Nifti1Image
         The volumes: ``noise`` times a unit-variance smooth field, plus the
         sample's intensity inside its ellipsoid.
     params : dict of ndarray
@@ -464,7 +464,7 @@ def make_brain_population(
     y = _labels(rng, n_samples - n_patients, n_patients)
     intensity_factors = np.exp(intensity_variation * rng.standard_normal(n_samples))
     voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # mm per voxel
-    X = np.empty((n_samples, *shape), dtype=np.float32)
+    X = np.empty((n_samples, x, y, z), dtype=np.float32)
     for i in range(n_samples):
         displacement = _smooth_fields(
             rng, 3, shape, _DEFORMATION_SIGMA_MM / voxel_size.mean()
@@ -544,7 +544,7 @@ def make_fmri_cohort(
     Returns
     -------
     runs : list of Nifti1Image or ndarray of shape \
-(n_subjects, n_timepoints, *shape)
+(n_subjects, n_timepoints, x, y, z)
         One 4-D float32 image per subject, time along the 4th axis, or with
         ``return_img=False`` the float32 runs stacked along axis 0;
         ``n_subjects = n_controls + n_patients``.
@@ -554,7 +554,7 @@ def make_fmri_cohort(
         Ground truth (maps are images when ``return_img=True``):
 
         - ``"patterns"``: the shared float32 patterns, an array of shape
-          (n_components, *shape) or a 4-D image with components along the 4th
+          (n_components, x, y, z) or a 4-D image with components along the 4th
           axis. Each is a smooth random field (standard deviation
           ``min(shape) / 8`` voxels) kept above its 80th percentile, so it
           covers a fifth of the volume, and scaled to peak at 1.
@@ -616,7 +616,7 @@ def make_fmri_cohort(
     amplitudes = np.ones((n_subjects, n_components))
     amplitudes[y == 1, 0] = 1.0 - effect
 
-    runs = np.empty((n_subjects, n_timepoints, *shape), dtype=np.float32)
+    runs = np.empty((n_subjects, n_timepoints, x, y, z), dtype=np.float32)
     for i in range(n_subjects):
         perturbation = _smooth_fields(rng, n_components, shape, sigma)
         subject_patterns = patterns * (1.0 + spatial_variation * perturbation)
