@@ -45,6 +45,7 @@ from neurovae.io import (
     VolumeDataset,
     check_mask,
     check_niimgs,
+    collate,
     is_niimg_like,
     to_img,
 )
@@ -424,17 +425,24 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return self._mask.copy()
         return nib.Nifti1Image(self._mask.astype(np.uint8), self.affine_)
 
+    def _image_batches(self, images: ImageCollection, batch_size: int, prep=None):
+        """Batches of ``images`` in order, read by ``num_workers`` workers."""
+        loader = torch.utils.data.DataLoader(
+            VolumeDataset(images, self._sample_shape, prep),
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
+        for (batch,) in loader:
+            yield batch
+
     def _raw_batches(self, X):
         """``X`` in batches of raw float samples, with names for errors."""
         batch_size = max(1, _INFERENCE_VOXELS // max(self.n_features_in_, 1))
         if isinstance(X, ImageCollection):
-            loader = torch.utils.data.DataLoader(
-                VolumeDataset(X, X.shape),
-                batch_size=batch_size,
-                num_workers=self.num_workers,
-            )
             start = 0
-            for (batch,) in loader:
+            for batch in self._image_batches(X, batch_size):
+                batch = batch.reshape(len(batch), *X.shape)
                 names = [X.where(i) for i in range(start, start + len(batch))]
                 start += len(batch)
                 yield batch.numpy(), names
@@ -564,6 +572,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 generator=generator,
                 device=device,
                 num_workers=self.num_workers,
+                collate_fn=collate,
             )
         data = tuple(data)
         if device.type != "cpu" and sum(t.nbytes for t in data) <= _GPU_RESIDENT_BYTES:
@@ -697,13 +706,8 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 batch = self._to_tensor(data[start : start + batch_size], prep)
                 yield batch
             return
-        loader = torch.utils.data.DataLoader(
-            VolumeDataset(data, self._sample_shape, prep),
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-        )
         start = 0
-        for (batch,) in loader:
+        for batch in self._image_batches(data, batch_size, prep):
             finite = torch.isfinite(batch.flatten(1)).all(dim=1)
             if not finite.all():
                 bad = start + int(torch.nonzero(~finite)[0])

@@ -464,7 +464,7 @@ def make_brain_population(
     y = _labels(rng, n_samples - n_patients, n_patients)
     intensity_factors = np.exp(intensity_variation * rng.standard_normal(n_samples))
     voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # mm per voxel
-    X = np.empty((n_samples, x, y, z), dtype=np.float32)
+    X = np.empty((n_samples, *shape), dtype=np.float32)
     for i in range(n_samples):
         displacement = _smooth_fields(
             rng, 3, shape, _DEFORMATION_SIGMA_MM / voxel_size.mean()
@@ -616,7 +616,7 @@ def make_fmri_cohort(
     amplitudes = np.ones((n_subjects, n_components))
     amplitudes[y == 1, 0] = 1.0 - effect
 
-    runs = np.empty((n_subjects, n_timepoints, x, y, z), dtype=np.float32)
+    runs = np.empty((n_subjects, n_timepoints, *shape), dtype=np.float32)
     for i in range(n_subjects):
         perturbation = _smooth_fields(rng, n_components, shape, sigma)
         subject_patterns = patterns * (1.0 + spatial_variation * perturbation)

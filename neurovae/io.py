@@ -656,7 +656,8 @@ class VolumeDataset(torch.utils.data.Dataset):
     Item ``i`` is a tuple holding the preprocessed float32 sample of shape
     ``sample_shape`` and ``t[i]`` for each tensor ``t`` of ``targets``, read from
     disk when the images are files. Pass it to a ``DataLoader`` with
-    ``num_workers > 0`` to read files in parallel with training.
+    ``collate_fn=collate`` (batches are read whole) and ``num_workers > 0`` to
+    read files in parallel with training.
 
     Parameters
     ----------
@@ -695,7 +696,48 @@ class VolumeDataset(torch.utils.data.Dataset):
         return self.images.n_samples
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        x = torch.from_numpy(self.images.read(index)).reshape(self.sample_shape)
+        return tuple(t[0] for t in self.__getitems__([index]))
+
+    def __getitems__(self, indices: list[int]) -> VolumeBatch:
+        """Items ``indices`` as one batch (what a ``DataLoader`` asks for).
+
+        The samples are read into one buffer, in shared memory when called in
+        a ``DataLoader`` worker (so the batch reaches the training process
+        without another copy), and scaled in one operation; :func:`collate`
+        passes the batch through.
+        """
+        x = torch.empty((len(indices), *self.sample_shape), dtype=torch.float32)
+        if torch.utils.data.get_worker_info() is not None:
+            x.share_memory_()
+        rows = x.numpy().reshape(len(indices), *self.images.shape)
+        for row, index in enumerate(indices):
+            rows[row] = self.images.read(index)
         if self.preprocessing is not None:
-            x = self.preprocessing.forward(x[None])[0]
-        return (x, *(t[index] for t in self.targets))
+            self.preprocessing.forward(x)
+        return VolumeBatch((x, *(t[indices] for t in self.targets)))
+
+
+class VolumeBatch(tuple):
+    """A batch already assembled by :meth:`VolumeDataset.__getitems__`."""
+
+
+def collate(batch):
+    """``collate_fn`` for :class:`VolumeDataset`: its batches pass through.
+
+    Anything else goes to torch's ``default_collate``.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib, torch
+    >>> from neurovae.io import VolumeDataset, check_niimgs, collate
+    >>> img = nib.Nifti1Image(np.ones((3, 4, 5, 6), dtype=np.float32), np.eye(4))
+    >>> loader = torch.utils.data.DataLoader(
+    ...     VolumeDataset(check_niimgs(img), (1, 3, 4, 5)), batch_size=4,
+    ...     collate_fn=collate,
+    ... )
+    >>> [tuple(batch[0].shape) for batch in loader]
+    [(4, 1, 3, 4, 5), (2, 1, 3, 4, 5)]
+    """
+    if isinstance(batch, VolumeBatch):
+        return tuple(batch)
+    return torch.utils.data.default_collate(batch)

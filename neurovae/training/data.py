@@ -119,6 +119,8 @@ class DatasetBatches:
         Where batches are moved (non-blocking, from pinned memory on CUDA).
     num_workers : int, default=0
         Worker processes reading items; 0 reads them in this process.
+    collate_fn : callable, optional
+        How the ``DataLoader`` assembles a batch (default: stacking items).
 
     Examples
     --------
@@ -139,6 +141,7 @@ class DatasetBatches:
         generator: torch.Generator | None = None,
         device: torch.device | None = None,
         num_workers: int = 0,
+        collate_fn=None,
     ) -> None:
         self.dataset = dataset
         self.n_samples = len(dataset)
@@ -151,6 +154,7 @@ class DatasetBatches:
                 self.n_samples, self.batch_size, shuffle, generator
             ),
             num_workers=num_workers,
+            collate_fn=collate_fn,
             pin_memory=pin,
             persistent_workers=num_workers > 0,
         )
