@@ -257,13 +257,15 @@ def digits_split():
     return train_test_split(X, digits.target, test_size=0.2, random_state=SEED)
 
 
-def smooth_volumes(n: int, size: int, seed: int = SEED) -> np.ndarray:
-    """``n`` smooth random volumes of ``size``^3 (blurred noise), float32."""
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((n, size, size, size))
+def smooth_volumes(
+    rng: np.random.Generator, n: int, size: int, dtype=np.float64
+) -> np.ndarray:
+    """``n`` smooth random volumes of ``size``^3 (blurred noise, unit std),
+    float32; the noise is drawn and blurred in ``dtype``."""
+    noise = rng.standard_normal((n, size, size, size), dtype=dtype)
     vols = gaussian_filter(noise, sigma=(0, 2.5, 2.5, 2.5))
     vols /= vols.std()
-    return vols.astype(np.float32)
+    return vols.astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------
@@ -358,13 +360,11 @@ def run_bare_loop(
     }
 
 
-def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
+def max_state_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts (inf if unlike)."""
+    if a.keys() != b.keys():
         return float("inf")
-    return max(
-        float((sa[k].float().cpu() - sb[k].float().cpu()).abs().max()) for k in sa
-    )
+    return max(float((a[k].float().cpu() - b[k].float().cpu()).abs().max()) for k in a)
 
 
 # ----------------------------------------------------------------------------
@@ -408,7 +408,9 @@ def bench_setting(
 
     foreign = watch.foreign_share()
     # like-for-like check: same arithmetic -> same weights and losses
-    dw = max_weight_diff(est_runs[-1]["module"], bare_runs[-1]["module"])
+    dw = max_state_diff(
+        est_runs[-1]["module"].state_dict(), bare_runs[-1]["module"].state_dict()
+    )
     dloss = max(
         abs(a - b)
         for a, b in zip(est_runs[-1]["losses"], bare_runs[-1]["losses"], strict=True)
@@ -692,15 +694,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _json_safe(value):
-    """NaN and infinities as null, so that the file is strict JSON."""
+def json_safe(value):
+    """NaN and infinities as null, dict keys as strings: strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
+
+
+def finish_run(results: dict, start: float, watch: CPUWatch, json_path) -> None:
+    """Print the run's total time and the CPU share of other processes, and
+    write ``results`` as JSON to ``json_path`` (when given)."""
+    elapsed = time.perf_counter() - start
+    foreign = watch.foreign_share()
+    results["elapsed_s"] = elapsed
+    results["machine"]["foreign_cpu_share"] = foreign
+    if hasattr(os, "getloadavg"):
+        results["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print()
+    line = f"total benchmark time: {elapsed:.1f} s"
+    if foreign is not None:
+        line += f"; over the whole run {_busy_note(foreign)}"
+    print(line)
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(json_safe(results), indent=2, default=str)
+        path.write_text(text + "\n")
+        print(f"results written to {path}")
 
 
 def main(argv=None) -> int:
@@ -721,7 +745,7 @@ def main(argv=None) -> int:
         digits_epochs = 2 if args.quick else 20
         if args.epochs is not None:
             conv_epochs = digits_epochs = args.epochs
-        vols = smooth_volumes(n_vols, size)
+        vols = smooth_volumes(np.random.default_rng(SEED), n_vols, size)
         conv_params = {
             "n_components": N_COMPONENTS,
             "backbone": "conv",
@@ -762,23 +786,7 @@ def main(argv=None) -> int:
         print(report)
         results["profile"] = report
 
-    elapsed = time.perf_counter() - start
-    foreign = watch.foreign_share()
-    results["elapsed_s"] = elapsed
-    results["machine"]["foreign_cpu_share"] = foreign
-    if hasattr(os, "getloadavg"):
-        results["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    print()
-    line = f"total benchmark time: {elapsed:.1f} s"
-    if foreign is not None:
-        line += f"; over the whole run {_busy_note(foreign)}"
-    print(line)
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(_json_safe(results), indent=2, default=str)
-        path.write_text(text + "\n")
-        print(f"results written to {path}")
+    finish_run(results, start, watch, args.json)
     return 0
 
 

@@ -100,19 +100,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from neurovae import VAE
 from neurovae.io import VolumeDataset, check_niimgs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import CPUWatch, machine_info, usable_cpus  # noqa: E402
+from bench_engine import (  # noqa: E402
+    BUSY_THRESHOLD,
+    CPUWatch,
+    finish_run,
+    machine_info,
+    max_state_diff,
+    smooth_volumes,
+    usable_cpus,
+)
 
 SEED = 0  # random_state of every fit and seed of the data
 THROUGHPUT_TARGET = 0.90  # streamed / in-memory samples per second
 MEMORY_TARGET = 1.10  # streamed peak(k*N) / peak(N)
-BUSY_THRESHOLD = 0.10  # warn when other processes used more of the CPUs
 N_COMPONENTS = 8
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])  # a 2 mm grid
 FORMATS = ("nii", "nii.gz")
@@ -124,14 +130,6 @@ QUICK = (40, 12, 3, 1, 150, 4, 32, 1)
 # ----------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------
-def smooth_volumes(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """``n`` smooth random volumes of ``size``^3 (blurred noise, unit std)."""
-    noise = rng.standard_normal((n, size, size, size), dtype=np.float32)
-    vols = gaussian_filter(noise, sigma=(0, 2.5, 2.5, 2.5))
-    vols /= vols.std()
-    return vols
-
-
 def volume_path(directory: Path | str, index: int, fmt: str) -> str:
     """Path of volume ``index`` in ``directory`` (``fmt``: "nii" or "nii.gz")."""
     return os.path.join(directory, f"vol-{index:05d}.{fmt}")
@@ -149,7 +147,7 @@ def write_volumes(
     rng = np.random.default_rng(seed)
     paths: dict[str, list[str]] = {fmt: [] for fmt in formats}
     for start in range(0, n, chunk):
-        vols = smooth_volumes(rng, min(chunk, n - start), size)
+        vols = smooth_volumes(rng, min(chunk, n - start), size, np.float32)
         for offset, vol in enumerate(vols):
             img = nib.Nifti1Image(vol, AFFINE)
             for fmt in formats:
@@ -199,13 +197,6 @@ def read_cost(paths: list[str], batch_size: int, passes: int = 2) -> float:
 # ----------------------------------------------------------------------------
 # 0. same computation
 # ----------------------------------------------------------------------------
-def state_max_diff(a: dict, b: dict) -> float:
-    """Largest absolute difference between two state dicts (inf if unlike)."""
-    if a.keys() != b.keys():
-        return math.inf
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
 def check_identical(directory: Path, channels: tuple[int, ...]) -> list[dict]:
     """Fit in memory and streamed on 24 volumes of 16^3; compare the weights.
 
@@ -226,7 +217,7 @@ def check_identical(directory: Path, channels: tuple[int, ...]) -> list[dict]:
     rows = []
     for fmt, workers in (("nii", 0), ("nii", 2), ("nii.gz", 0), ("nii.gz", 2)):
         est = VAE(**params, num_workers=workers).fit(paths[fmt])
-        dw = state_max_diff(ref_state, est.module_.state_dict())
+        dw = max_state_diff(ref_state, est.module_.state_dict())
         dloss = max(
             abs(a - b) for a, b in zip(ref_loss, est.history_["loss"], strict=True)
         )
@@ -876,17 +867,6 @@ def print_header(info: dict, args: argparse.Namespace) -> None:
     print()
 
 
-def _json_safe(value):
-    """NaN and infinities as null, dict keys as strings: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def main(argv=None) -> int:
     """Run the check, the throughput tables and the memory table; print verdicts."""
     args = parse_args(argv)
@@ -1007,24 +987,7 @@ def main(argv=None) -> int:
                     f"<= {MEMORY_TARGET:.2f} {ok}"
                 )
 
-    elapsed = time.perf_counter() - start
-    foreign = watch.foreign_share()
-    results["elapsed_s"] = elapsed
-    results["machine"]["foreign_cpu_share"] = foreign
-    if hasattr(os, "getloadavg"):
-        results["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    line = f"\ntotal benchmark time: {elapsed:.1f} s"
-    if foreign is not None:
-        line += f"; other processes used {100 * foreign:.0f} % of the CPUs"
-        if foreign > BUSY_THRESHOLD:
-            line += " -- WARNING: timings disturbed, re-run on a quiet machine"
-    print(line)
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(_json_safe(results), indent=2, default=str)
-        path.write_text(text + "\n")
-        print(f"results written to {path}")
+    finish_run(results, start, watch, args.json)
     return 0
 
 
