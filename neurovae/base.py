@@ -370,15 +370,23 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         tensor = torch.from_numpy(X).reshape(X.shape[0], *self._sample_shape)
         return (prep or self._preprocessing()).forward(tensor)
 
-    def _to_output(self, values: torch.Tensor, dtype):
-        """Decoded samples back to the user's space: raw intensities, zero
-        outside the mask, in ``dtype``; one 4-D image when fitted on images."""
+    def _to_raw(self, values: torch.Tensor, dtype) -> np.ndarray:
+        """Decoded samples as an array in the user's space: raw intensities,
+        zero outside the mask, in ``dtype``, shaped as the training samples."""
         out = values.numpy().astype(dtype, copy=False)
         out = self._preprocessing().inverse(out)
-        out = out.reshape(out.shape[0], *self.input_shape_)
+        return out.reshape(out.shape[0], *self.input_shape_)
+
+    def _as_output(self, out: np.ndarray):
+        """One 4-D image on the training grid when fitted on images, else
+        the array itself."""
         if getattr(self, "affine_", None) is not None:
             return to_img(out, self.affine_)
         return out
+
+    def _to_output(self, values: torch.Tensor, dtype):
+        """Decoded samples back to the user's space (see ``_to_raw``)."""
+        return self._as_output(self._to_raw(values, dtype))
 
     def _check_data(self, X, stats: DataStatistics) -> None:
         """Checks that depend on parameters (override to add more)."""
@@ -782,9 +790,12 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
+        return self._to_output(self._reconstructions(X), self._dtype_of(X))
+
+    def _reconstructions(self, X) -> torch.Tensor:
+        """Decoded posterior means of checked ``X``, as the network outputs."""
         module = self.module_
-        values = self._batched(lambda b: module.decode(module.encode(b)[0]), X)
-        return self._to_output(values, self._dtype_of(X))
+        return self._batched(lambda b: module.decode(module.encode(b)[0]), X)
 
     def reconstruction_error(self, X):
         """Voxel-wise squared reconstruction error of each sample of ``X``.
@@ -806,18 +817,13 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
-        module = self.module_
-        values = self._batched(lambda b: module.decode(module.encode(b)[0]), X)
         dtype = self._dtype_of(X)
-        recon = self._preprocessing().inverse(values.numpy().astype(dtype))
+        recon = self._to_raw(self._reconstructions(X), dtype)
         raw = X.load() if isinstance(X, ImageCollection) else np.asarray(X, dtype)
         errors = (raw.reshape(recon.shape) - recon) ** 2
         if getattr(self, "_mask", None) is not None:
             errors[..., ~self._mask] = 0
-        errors = errors.reshape(errors.shape[0], *self.input_shape_)
-        if getattr(self, "affine_", None) is not None:
-            return to_img(errors, self.affine_)
-        return errors
+        return self._as_output(errors)
 
     def _check_Z(self, Z) -> np.ndarray:
         Z = check_array(Z, dtype=_DTYPES, input_name="Z", estimator=self)
