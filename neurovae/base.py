@@ -66,6 +66,7 @@ from neurovae.training import (
     TensorBatches,
     autocast,
     local_rng,
+    make_schedule,
     resolve_device,
 )
 from neurovae.training.optim import OPTIMIZERS
@@ -111,6 +112,10 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     ``_build_module``; they may extend ``_parameter_rules`` and override
     ``_schedules`` and ``_hooks``.
     """
+
+    # index of the target tensor (see ``_targets``) whose values are groups
+    # that training batches draw at equal rates; None: plain shuffling
+    _group_target: int | None = None
 
     _parameter_rules: dict[str, Callable] = {
         "n_components": Interval(int, 1),
@@ -231,14 +236,28 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             encoder,
             decoder,
             GaussianLatent(n_features, self.n_components),
-            make_likelihood(
-                self.likelihood,
-                sample_shape,
-                scale=self.likelihood_scale,
-                init_scale=stats.get("std", 1.0),
-                min_scale=stats.get("min_scale", 1e-3),
-                mask=self._likelihood_mask(),
-            ),
+            self._likelihood(sample_shape, stats),
+        )
+
+    def _likelihood(self, sample_shape: tuple[int, ...], stats: dict) -> nn.Module:
+        """The observation model (``likelihood``, its scale, the mask)."""
+        return make_likelihood(
+            self.likelihood,
+            sample_shape,
+            scale=self.likelihood_scale,
+            init_scale=stats.get("std", 1.0),
+            min_scale=stats.get("min_scale", 1e-3),
+            mask=self._likelihood_mask(),
+        )
+
+    def _beta_schedule(self) -> Schedule:
+        """KL weight ``beta`` under ``beta_schedule`` (families that offer one)."""
+        return make_schedule(
+            self.beta_schedule,
+            self.beta,
+            warmup_iter=self.warmup_iter,
+            n_cycles=self.n_cycles,
+            total_iter=self.max_iter,
         )
 
     def _likelihood_mask(self) -> torch.Tensor | None:
@@ -504,28 +523,39 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return int(random_state)
         return int(check_random_state(random_state).randint(2**31 - 1))
 
-    def _resolved_batch_size(self, n_samples: int) -> int:
-        """``batch_size``, with "auto" bounded by samples and voxels."""
+    def _resolved_batch_size(self, n_samples: int, n_groups: int = 1) -> int:
+        """``batch_size``, with "auto" bounded by samples and voxels.
+
+        With groups, ``n_samples`` is the size of the smallest group and the
+        result is the number of samples taken from each group per step."""
         if self.batch_size != "auto":
             return min(int(self.batch_size), n_samples)
         if len(self.input_shape_) == 1:
             return min(_AUTO_BATCH, n_samples)
-        per_batch = max(1, _AUTO_VOXELS // self.n_features_in_)
+        per_batch = max(1, _AUTO_VOXELS // (n_groups * self.n_features_in_))
         return min(_AUTO_BATCH, per_batch, n_samples)
 
-    def _structure(self) -> tuple:
-        """The parameters the module is built from (``warm_start`` keeps them)."""
-        backbone = self.backbone
-        if _is_module_pair(backbone):
-            backbone = tuple(type(m).__name__ for m in backbone)
-        return (
-            self.n_components,
-            backbone,
-            tuple(self.hidden_layer_sizes),
-            tuple(self.channels),
-            self.likelihood,
-            self.likelihood_scale,
-        )
+    # parameters the module is built from: warm_start must keep them
+    _structure_params: tuple[str, ...] = (
+        "n_components",
+        "backbone",
+        "hidden_layer_sizes",
+        "channels",
+        "likelihood",
+        "likelihood_scale",
+    )
+
+    def _structure(self) -> dict:
+        """Values of ``_structure_params`` (module backbones by class name)."""
+        values = {}
+        for name in self._structure_params:
+            value = getattr(self, name)
+            if _is_module_pair(value):
+                value = tuple(type(m).__name__ for m in value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[name] = value
+        return values
 
     def _engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -542,25 +572,51 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             name=type(self).__name__,
         )
 
+    def _groups(self, data) -> torch.Tensor | None:
+        """Group of each sample of ``data`` (the target tensor at index
+        ``_group_target``), or None when the family has no groups."""
+        k = self._group_target
+        if k is None:
+            return None
+        if isinstance(data, Subset):
+            return data.dataset.targets[k][torch.as_tensor(data.indices)]
+        if isinstance(data, Dataset):
+            return data.targets[k]
+        return data[1 + k]
+
     def _split(self, data, seed: int):
         """Training and validation data (a seeded split for early stopping).
 
         ``data`` is a tuple of tensors or a dataset. Without early stopping it
-        is returned as it is: no copy.
+        is returned as it is: no copy. With groups (``_group_target``) the
+        split is stratified: ``validation_fraction`` of every group.
         """
         if not self.early_stopping:
             return data, None
         n_samples = len(data) if isinstance(data, Dataset) else data[0].shape[0]
-        n_val = math.ceil(self.validation_fraction * n_samples)
-        if n_val < 1 or n_samples - n_val < 1:
-            raise ValueError(
-                f"{type(self).__name__}: early_stopping with validation_fraction="
-                f"{self.validation_fraction} leaves no training or validation "
-                f"sample out of {n_samples}; pass more samples or set "
-                "early_stopping=False."
-            )
-        perm = np.random.default_rng(seed).permutation(n_samples)
-        train_idx, val_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        groups = self._groups(data)
+        strata = (
+            [np.arange(n_samples)]
+            if groups is None
+            else [np.flatnonzero(groups.cpu().numpy() == g) for g in groups.unique()]
+        )
+        rng = np.random.default_rng(seed)
+        train_idx, val_idx = [], []
+        for members in strata:
+            n_val = math.ceil(self.validation_fraction * len(members))
+            if n_val < 1 or len(members) - n_val < 1:
+                where = "" if groups is None else " of a group"
+                raise ValueError(
+                    f"{type(self).__name__}: early_stopping with "
+                    f"validation_fraction={self.validation_fraction} leaves no "
+                    f"training or validation sample out of {len(members)}{where}; "
+                    "pass more samples or set early_stopping=False."
+                )
+            perm = members[rng.permutation(len(members))]
+            train_idx.append(perm[n_val:])
+            val_idx.append(perm[:n_val])
+        train_idx = np.sort(np.concatenate(train_idx))
+        val_idx = np.sort(np.concatenate(val_idx))
         if isinstance(data, Dataset):
             return Subset(data, train_idx.tolist()), Subset(data, val_idx.tolist())
         train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
@@ -568,29 +624,44 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _batches(self, data, device, *, shuffle, seed=None):
         """Engine batches of ``data``: a tuple of tensors (sliced in memory,
-        on the GPU when small enough) or a dataset (read by a DataLoader)."""
+        on the GPU when small enough) or a dataset (read by a DataLoader).
+
+        With groups, shuffled batches hold ``batch_size`` samples of each
+        group (see :class:`~neurovae.training.TensorBatches`)."""
         generator = None
         if shuffle:
             generator = torch.Generator().manual_seed(int(seed))
+        groups = self._groups(data) if shuffle else None
+        if groups is not None:
+            groups = groups.cpu()
+            batch_size = self._resolved_batch_size(
+                int(torch.unique(groups, return_counts=True)[1].min()),
+                n_groups=len(torch.unique(groups)),
+            )
+        else:
+            n_samples = len(data) if isinstance(data, Dataset) else data[0].shape[0]
+            batch_size = self._resolved_batch_size(n_samples)
         if isinstance(data, Dataset):
             return DatasetBatches(
                 data,
-                self._resolved_batch_size(len(data)),
+                batch_size,
                 shuffle=shuffle,
                 generator=generator,
                 device=device,
                 num_workers=self.num_workers,
                 collate_fn=collate,
+                groups=groups,
             )
         data = tuple(data)
         if device.type != "cpu" and sum(t.nbytes for t in data) <= _GPU_RESIDENT_BYTES:
             data = tuple(t.to(device) for t in data)
         return TensorBatches(
             data,
-            self._resolved_batch_size(data[0].shape[0]),
+            batch_size,
             shuffle=shuffle,
             generator=generator,
             device=device,
+            groups=groups,
         )
 
     def _targets(self, y, n_samples: int) -> tuple[torch.Tensor, ...]:
@@ -629,12 +700,13 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         validate_params(self, self._parameter_rules)
         warm = bool(self.warm_start) and hasattr(self, "module_")
-        if warm and getattr(self, "_built_from", None) != self._structure():
+        built_from = getattr(self, "_built_from", None) or {}
+        changed = [k for k, v in self._structure().items() if built_from.get(k) != v]
+        if warm and changed:
             raise ValueError(
                 f"{type(self).__name__}: warm_start=True but parameters that "
-                "define the network (n_components, backbone, hidden_layer_sizes, "
-                "channels, likelihood, likelihood_scale) changed since the last "
-                "fit. Set warm_start=False to train a new network."
+                f"define the network changed since the last fit: "
+                f"{', '.join(changed)}. Set warm_start=False to train a new network."
             )
         if not warm:  # a failed fit must not leave a stale model looking fitted
             self.__dict__.pop("module_", None)
@@ -827,11 +899,15 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _check_Z(self, Z) -> np.ndarray:
         Z = check_array(Z, dtype=_DTYPES, input_name="Z", estimator=self)
-        if Z.shape[1] != self.module_.n_components:
+        if Z.shape[1] != self._n_features_out:
             raise ValueError(
-                f"Z has {Z.shape[1]} columns, but {type(self).__name__} has "
-                f"n_components={self.module_.n_components}."
+                f"Z has {Z.shape[1]} columns, but {type(self).__name__}.transform "
+                f"gives {self._n_features_out}."
             )
+        return Z
+
+    def _codes(self, Z: torch.Tensor) -> torch.Tensor:
+        """Full latent codes for the decoder from ``transform``'s features."""
         return Z
 
     def inverse_transform(self, X):
@@ -851,10 +927,8 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         Z = self._check_Z(X)
-        values = self._batched(
-            self.module_.decode, torch.tensor(Z, dtype=torch.float32)
-        )
-        return self._to_output(values, Z.dtype)
+        codes = self._codes(torch.tensor(Z, dtype=torch.float32))
+        return self._to_output(self._batched(self.module_.decode, codes), Z.dtype)
 
     def sample(self, n_samples: int = 1, random_state=None) -> np.ndarray:
         """Generate samples: decoder means of latent codes drawn from N(0, I).
@@ -876,6 +950,11 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             training dtype: an array shaped as the training data, or one 4-D
             image on the training grid when the model was fitted on images.
         """
+        return self._decode_prior(n_samples, random_state)
+
+    def _decode_prior(self, n_samples, random_state, keep=None):
+        """Decoded draws from N(0, I); ``keep`` (bool, one per latent
+        dimension) sets the dimensions it marks False to zero."""
         check_is_fitted(self)
         check_value(self, "n_samples", n_samples, Interval(int, 1))
         check_value(
@@ -883,6 +962,8 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         )
         generator = torch.Generator().manual_seed(self._draw_seed(random_state))
         z = torch.randn(int(n_samples), self.module_.n_components, generator=generator)
+        if keep is not None:
+            z = z * keep
         return self._to_output(self._batched(self.module_.decode, z), self._fit_dtype)
 
     def score_samples(self, X) -> np.ndarray:
@@ -911,7 +992,12 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
-        elbo = self._batched(self.module_.elbo, X).numpy().astype(np.float64)
+        return self._raw_elbo(self._batched(self.module_.elbo, X))
+
+    def _raw_elbo(self, elbo: torch.Tensor) -> np.ndarray:
+        """ELBOs of the scaled data (as the network models it) turned into
+        ELBOs of the raw data: the log-Jacobian of the scaling added."""
+        elbo = elbo.numpy().astype(np.float64)
         return elbo - self._n_likelihood_features() * math.log(self.intensity_scale_)
 
     def score(self, X, y=None) -> float:

@@ -642,6 +642,8 @@ def make_contrastive(
     n_shared: int = 2,
     n_salient: int = 2,
     salient_std: float = 0.5,
+    n_clusters: int = 0,
+    mixing: str = "linear",
     noise: float = 0.1,
     random_state: int | np.random.RandomState | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -653,6 +655,10 @@ def make_contrastive(
     variation is weaker than the shared one by default, so methods that look
     at the target alone find the shared factors first, while contrastive ones
     (contrastive PCA, the contrastive VAE [1]_) recover the salient factors.
+
+    The target group can be made of subgroups (``n_clusters``, e.g. disease
+    subtypes) that differ in their salient factors only, and the mixing can
+    be nonlinear (``mixing="tanh"``), where linear methods fall short.
 
     Parameters
     ----------
@@ -668,7 +674,20 @@ def make_contrastive(
         Number of factors of the target group only, at least 0.
     salient_std : float, default=0.5
         Standard deviation of the salient factors (the shared factors have
-        standard deviation 1), at least 0.
+        standard deviation 1), at least 0. With clusters, the spread of the
+        salient factors within a cluster is ``salient_std / 2``.
+    n_clusters : int, default=0
+        Number of target subgroups. 0: the salient factors of target samples
+        are normal with standard deviation ``salient_std``. ``k >= 1``: each
+        target sample belongs to one of ``k`` subgroups (at random, sizes as
+        equal as possible) whose salient factors are centred on points
+        ``2 * salient_std`` from the origin, evenly spaced on a circle in the
+        first two salient dimensions (on a line when ``n_salient=1``).
+    mixing : {"linear", "tanh"}, default="linear"
+        "linear": ``X = shared_factors @ shared_loadings + salient_factors @
+        salient_loadings + noise``. "tanh": the same sum passed through
+        ``tanh`` before the noise is added; saturation makes the effect of
+        the salient factors depend on the shared ones.
     noise : float, default=0.1
         Standard deviation of the white noise added to every feature.
     random_state : int, RandomState instance or None, default=None
@@ -678,8 +697,7 @@ def make_contrastive(
     Returns
     -------
     X : ndarray of shape (n_background + n_target, n_features), float64
-        The samples, in random order: ``X = shared_factors @ shared_loadings
-        + salient_factors @ salient_loadings + noise``.
+        The samples, in random order, mixed as ``mixing`` says.
     y : ndarray of shape (n_background + n_target,), int
         0 for background, 1 for target samples.
     info : dict of ndarray
@@ -691,6 +709,9 @@ def make_contrastive(
           samples.
         - ``"shared_loadings"``: (n_shared, n_features), standard normal.
         - ``"salient_loadings"``: (n_salient, n_features), standard normal.
+        - ``"target_cluster"``: (n_samples,), int: -1 for background samples,
+          the subgroup (``0 .. n_clusters - 1``; 0 without clusters) for
+          target samples.
 
     See Also
     --------
@@ -709,6 +730,13 @@ def make_contrastive(
     ((8, 4), 3, (8, 2))
     >>> bool((info["salient_factors"][y == 0] == 0).all())
     True
+
+    Three target subgroups, nonlinear mixing:
+
+    >>> X, y, info = make_contrastive(5, 6, 4, n_clusters=3, mixing="tanh",
+    ...                               random_state=0)
+    >>> sorted(set(info["target_cluster"][y == 1].tolist()))
+    [0, 1, 2]
     """
     _validate(
         "make_contrastive",
@@ -718,6 +746,8 @@ def make_contrastive(
         n_shared=(n_shared, _NON_NEGATIVE_INT),
         n_salient=(n_salient, _NON_NEGATIVE_INT),
         salient_std=(salient_std, _NON_NEGATIVE),
+        n_clusters=(n_clusters, _NON_NEGATIVE_INT),
+        mixing=(mixing, Options(("linear", "tanh"))),
         noise=(noise, _NON_NEGATIVE),
     )
     rng = _random_state(random_state)
@@ -727,13 +757,28 @@ def make_contrastive(
     salient_loadings = rng.standard_normal((n_salient, n_features))
     shared_factors = rng.standard_normal((n_samples, n_shared))
     salient_factors = salient_std * rng.standard_normal((n_samples, n_salient))
+    cluster = np.where(y == 1, 0, -1)
+    if n_clusters > 0 and n_salient > 0:
+        cluster[y == 1] = rng.permutation(np.arange(int(n_target)) % n_clusters)
+        centres = np.zeros((n_clusters, n_salient))
+        if n_salient == 1:
+            centres[:, 0] = np.linspace(-2.0, 2.0, n_clusters) if n_clusters > 1 else 0
+        else:
+            angle = 2 * np.pi * np.arange(n_clusters) / n_clusters
+            centres[:, 0], centres[:, 1] = 2 * np.cos(angle), 2 * np.sin(angle)
+        targets = y == 1
+        salient_factors[targets] *= 0.5
+        salient_factors[targets] += salient_std * centres[cluster[targets]]
     salient_factors[y == 0] = 0.0
     X = shared_factors @ shared_loadings + salient_factors @ salient_loadings
+    if mixing == "tanh":
+        X = np.tanh(X)
     X += noise * rng.standard_normal((n_samples, n_features))
     info = {
         "shared_factors": shared_factors,
         "salient_factors": salient_factors,
         "shared_loadings": shared_loadings,
         "salient_loadings": salient_loadings,
+        "target_cluster": cluster,
     }
     return X, y, info

@@ -5,7 +5,7 @@ from __future__ import annotations
 from neurovae._validation import Interval, Options
 from neurovae.base import BaseVAE
 from neurovae.nn import VAEModule
-from neurovae.training import Constant, Linear, Schedule, make_schedule
+from neurovae.training import Constant, Linear, Schedule
 
 _COMMON_PARAMETERS = """
     backbone : {"auto", "mlp", "conv", "resnet"} or (encoder, decoder), \
@@ -90,14 +90,17 @@ default="auto"
         (a ``torch`` ``DataLoader``); 0 reads them in the main process. Only
         used for Niimg-like input that lives on disk."""
 
-_COMMON_ATTRIBUTES = """
+_VAE_ATTRIBUTES = """
     module_ : neurovae.nn.VAEModule
         The trained torch module.
     history_ : dict of str to list
         Per-epoch ``loss`` (the training objective), ``recon`` (negative
         log-likelihood), ``kl``, the scheduled weights, ``n_skipped`` (steps
         skipped for a non-finite loss), ``time`` (seconds) and, with early
-        stopping, the same terms on the validation set prefixed ``val_``.
+        stopping, the same terms on the validation set prefixed ``val_``."""
+
+# fitted attributes of every family (after its module_ and history_)
+_COMMON_ATTRIBUTES = """
     n_iter_ : int
         Epochs run.
     best_epoch_ : int or None
@@ -140,7 +143,7 @@ class VAE(BaseVAE):
         Weight of the KL term; 1 gives the ELBO.
 
     Attributes
-    ----------{_COMMON_ATTRIBUTES}
+    ----------{_VAE_ATTRIBUTES}{_COMMON_ATTRIBUTES}
 
     See Also
     --------
@@ -260,7 +263,7 @@ class BetaVAE(VAE):
         Weight of ``|KL - C|`` under controlled capacity.
 
     Attributes
-    ----------{_COMMON_ATTRIBUTES}
+    ----------{_VAE_ATTRIBUTES}{_COMMON_ATTRIBUTES}
 
     See Also
     --------
@@ -366,12 +369,4 @@ class BetaVAE(VAE):
                 ),
                 "gamma": Constant(self.gamma),
             }
-        return {
-            "beta": make_schedule(
-                self.beta_schedule,
-                self.beta,
-                warmup_iter=self.warmup_iter,
-                n_cycles=self.n_cycles,
-                total_iter=self.max_iter,
-            )
-        }
+        return {"beta": self._beta_schedule()}

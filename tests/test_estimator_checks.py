@@ -1,10 +1,10 @@
-"""scikit-learn's own estimator checks on VAE and BetaVAE (2-D data)."""
+"""scikit-learn's own estimator checks on the estimators (2-D data)."""
 
 import numpy as np
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from neurovae import VAE, BetaVAE
+from neurovae import VAE, BetaVAE, ContrastiveVAE
 
 SMALL = dict(hidden_layer_sizes=(8,), max_iter=3, batch_size=16, device="cpu")
 
@@ -22,7 +22,15 @@ def _expected_failures(estimator):
 
 
 @parametrize_with_checks(
-    [VAE(n_components=2, **SMALL), BetaVAE(n_components=2, **SMALL)],
+    [
+        VAE(n_components=2, **SMALL),
+        BetaVAE(n_components=2, **SMALL),
+        # batch_size is per group, and the checks' small data has ~10 per
+        # group; every check's y has the label 1 and at least one other
+        ContrastiveVAE(
+            n_components=2, background_label=1, **{**SMALL, "batch_size": "auto"}
+        ),
+    ],
     expected_failed_checks=_expected_failures,
 )
 def test_sklearn_compatible(estimator, check):

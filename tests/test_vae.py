@@ -649,7 +649,7 @@ def test_wrong_input_at_transform(X, volumes, small):
 
 def test_wrong_latent_codes(X, small):
     est = VAE(n_components=2, **small).fit(X)
-    with pytest.raises(ValueError, match="Z has 3 columns.*n_components=2"):
+    with pytest.raises(ValueError, match="Z has 3 columns.*transform gives 2"):
         est.inverse_transform(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="2D array"):
         est.inverse_transform(np.zeros(2))

@@ -16,6 +16,7 @@ from neurovae.nn.backbones import (
     infer_output_size,
     make_backbone,
 )
+from neurovae.nn.contrastive import ContrastiveVAEModule, PairDiscriminator
 from neurovae.nn.latent import GaussianLatent, kl_standard_normal
 from neurovae.nn.likelihoods import (
     BernoulliLikelihood,
@@ -27,6 +28,7 @@ from neurovae.nn.vae import VAEModule
 
 __all__ = [
     "BernoulliLikelihood",
+    "ContrastiveVAEModule",
     "ConvDecoder3d",
     "ConvEncoder3d",
     "GaussianLatent",
@@ -36,6 +38,7 @@ __all__ = [
     "MLPEncoder",
     "ResNetDecoder3d",
     "ResNetEncoder3d",
+    "PairDiscriminator",
     "VAEModule",
     "dry_run",
     "infer_output_size",

@@ -15,6 +15,7 @@ from neurovae.training.engine import (
     EngineResult,
     Hook,
 )
+from neurovae.training.hooks import DiscriminatorHook
 from neurovae.training.optim import OPTIMIZERS, make_optimizer
 from neurovae.training.schedules import (
     Constant,
@@ -30,6 +31,7 @@ __all__ = [
     "Constant",
     "Cyclical",
     "DatasetBatches",
+    "DiscriminatorHook",
     "DivergenceError",
     "Engine",
     "EngineConfig",

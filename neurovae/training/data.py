@@ -19,6 +19,43 @@ def _permutation(n: int, shuffle: bool, generator) -> torch.Tensor | None:
     return torch.randperm(n, generator=generator) if shuffle else None
 
 
+class _Balanced:
+    """Shuffled index batches that draw every group at the same rate.
+
+    Each step takes the same number of samples from every group: one pass
+    goes once through the largest group in a fresh random order, while
+    smaller groups are cycled through (a fresh permutation each time round),
+    so that both groups of a contrastive model are seen equally often however
+    unequal their sizes. A batch holds ``batch_size`` samples of each group
+    (fewer in the last step), group after group.
+    """
+
+    def __init__(self, groups: torch.Tensor, batch_size: int) -> None:
+        groups = torch.as_tensor(groups).cpu()
+        self.members = [
+            torch.nonzero(groups == g).flatten() for g in torch.unique(groups)
+        ]
+        self.n_max = max(len(m) for m in self.members)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-self.n_max // self.batch_size)
+
+    def batches(self, generator) -> Iterator[torch.Tensor]:
+        streams = []
+        for members in self.members:
+            n_rounds = -(-self.n_max // len(members))
+            perms = [
+                torch.randperm(len(members), generator=generator)
+                for _ in range(n_rounds)
+            ]
+            streams.append(members[torch.cat(perms)])
+        bs = self.batch_size
+        for start in range(0, self.n_max, bs):
+            stop = min(start + bs, self.n_max)
+            yield torch.cat([stream[start:stop] for stream in streams])
+
+
 class TensorBatches:
     """Iterate over minibatches of aligned tensors.
 
@@ -34,6 +71,12 @@ class TensorBatches:
         Generator of the permutation (CPU), for reproducible shuffling.
     device : torch.device, optional
         Where batches are moved (non-blocking) if the tensors live elsewhere.
+    groups : torch.Tensor of shape (n_samples,), optional
+        Group of each sample (any integer or bool codes). When given and
+        ``shuffle`` is True, every batch holds ``batch_size`` samples of
+        *each* group (fewer in the last), so that all groups are seen at the
+        same rate: a pass goes once through the largest group and cycles
+        through the smaller ones. Unshuffled passes ignore it.
 
     Examples
     --------
@@ -44,6 +87,15 @@ class TensorBatches:
     [[0.0, 1.0], [2.0, 3.0], [4.0]]
     >>> len(batches)
     3
+
+    With groups, each batch takes two samples of each group; the group of
+    two samples is cycled through while the group of four is passed once:
+
+    >>> groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    >>> batches = TensorBatches((groups,), 2, shuffle=True, groups=groups,
+    ...                         generator=torch.Generator().manual_seed(0))
+    >>> [b[0].tolist() for b in batches]
+    [[0, 0, 1, 1], [0, 0, 1, 1]]
     """
 
     def __init__(
@@ -53,6 +105,7 @@ class TensorBatches:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | None = None,
+        groups: torch.Tensor | None = None,
     ) -> None:
         self.tensors = tuple(tensors)
         self.n_samples = int(self.tensors[0].shape[0])
@@ -60,19 +113,32 @@ class TensorBatches:
         self.shuffle = shuffle
         self.generator = generator
         self.device = device
+        self._balanced = None
+        if groups is not None and shuffle:
+            self._balanced = _Balanced(groups, self.batch_size)
 
     def __len__(self) -> int:
+        if self._balanced is not None:
+            return len(self._balanced)
         return -(-self.n_samples // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _selections(self, home: torch.device):
+        """Index tensors (or slices) of the samples of each batch of a pass."""
+        if self._balanced is not None:
+            for sel in self._balanced.batches(self.generator):
+                yield sel if home.type == "cpu" else sel.to(home)
+            return
         n, bs = self.n_samples, self.batch_size
-        home = self.tensors[0].device
-        move = self.device is not None and home != self.device
         perm = _permutation(n, self.shuffle, self.generator)
         if perm is not None and home.type != "cpu":
             perm = perm.to(home)
         for start in range(0, n, bs):
-            sel = slice(start, start + bs) if perm is None else perm[start : start + bs]
+            yield slice(start, start + bs) if perm is None else perm[start : start + bs]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        home = self.tensors[0].device
+        move = self.device is not None and home != self.device
+        for sel in self._selections(home):
             batch = tuple(t[sel] for t in self.tensors)
             if move:
                 batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
@@ -82,14 +148,25 @@ class TensorBatches:
 class _BatchSampler(torch.utils.data.Sampler):
     """Index batches of :class:`TensorBatches`' permutation, for a DataLoader."""
 
-    def __init__(self, n_samples: int, batch_size: int, shuffle: bool, generator):
+    def __init__(
+        self, n_samples: int, batch_size: int, shuffle: bool, generator, groups=None
+    ):
         self.n_samples, self.batch_size = n_samples, batch_size
         self.shuffle, self.generator = shuffle, generator
+        self._balanced = None
+        if groups is not None and shuffle:
+            self._balanced = _Balanced(groups, batch_size)
 
     def __len__(self) -> int:
+        if self._balanced is not None:
+            return len(self._balanced)
         return -(-self.n_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self._balanced is not None:
+            for sel in self._balanced.batches(self.generator):
+                yield sel.tolist()
+            return
         n, bs = self.n_samples, self.batch_size
         perm = _permutation(n, self.shuffle, self.generator)
         order = list(range(n)) if perm is None else perm.tolist()
@@ -121,6 +198,9 @@ class DatasetBatches:
         Worker processes reading items; 0 reads them in this process.
     collate_fn : callable, optional
         How the ``DataLoader`` assembles a batch (default: stacking items).
+    groups : torch.Tensor of shape (n_samples,), optional
+        Group of each item; shuffled passes then draw every group at the
+        same rate, as :class:`TensorBatches` does.
 
     Examples
     --------
@@ -142,6 +222,7 @@ class DatasetBatches:
         device: torch.device | None = None,
         num_workers: int = 0,
         collate_fn=None,
+        groups: torch.Tensor | None = None,
     ) -> None:
         self.dataset = dataset
         self.n_samples = len(dataset)
@@ -151,7 +232,7 @@ class DatasetBatches:
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=_BatchSampler(
-                self.n_samples, self.batch_size, shuffle, generator
+                self.n_samples, self.batch_size, shuffle, generator, groups
             ),
             num_workers=num_workers,
             collate_fn=collate_fn,

@@ -90,6 +90,15 @@ class Hook:
     [2, 4, 6]
     """
 
+    def owned_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """Parameters of ``module`` that this hook updates itself.
+
+        The engine leaves them out of its optimiser (and of gradient
+        clipping), e.g. a discriminator trained by the hook with its own
+        optimiser and loss. The default owns none.
+        """
+        return []
+
     def on_epoch_begin(self, engine: Engine) -> None:
         """Called before the first step of every epoch."""
 
@@ -263,7 +272,10 @@ class Engine:
         self.hooks = list(hooks)
         self.epoch = 0
         self.history: dict[str, list] = {}
-        self._params = [p for p in module.parameters() if p.requires_grad]
+        owned = {id(p) for hook in self.hooks for p in hook.owned_parameters(module)}
+        self._params = [
+            p for p in module.parameters() if p.requires_grad and id(p) not in owned
+        ]
         self.optimizer = make_optimizer(
             config.optimizer,
             self._params,

@@ -1,0 +1,96 @@
+"""Engine hooks shared by model families."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from neurovae.training.engine import Engine, Hook
+from neurovae.training.optim import make_optimizer
+
+
+class DiscriminatorHook(Hook):
+    """Train a model's discriminator with its own optimiser and loss.
+
+    For adversarial penalties such as the total-correlation term of the
+    contrastive VAE. The module exposes ``discriminator`` (an ``nn.Module``)
+    and ``discriminator_loss()``, which returns the discriminator's loss on
+    detached inputs stashed by the last training step (or None). The hook
+    owns the discriminator's parameters, so the engine's optimiser never
+    updates them with the model's gradients; after each model step the hook
+    takes one step of its own optimiser on ``discriminator_loss()``. Because
+    that loss sees detached codes, none of its gradient reaches the encoders.
+    The mean loss of each epoch is logged as ``discriminator``.
+
+    Parameters
+    ----------
+    optimizer : str, default="adam"
+        Optimiser of the discriminator (see :func:`make_optimizer`).
+    learning_rate : float, default=1e-3
+        Its learning rate.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.training import DiscriminatorHook, Engine, EngineConfig
+    >>> from neurovae.training import TensorBatches
+    >>> class Model(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(1))
+    ...         self.discriminator = torch.nn.Linear(1, 1)
+    ...     def forward(self, batch):
+    ...         self.stash = batch[0][:, None] - self.w.detach()
+    ...         return {"loss": ((batch[0] - self.w) ** 2).mean()}
+    ...     def discriminator_loss(self):
+    ...         return self.discriminator(self.stash).pow(2).mean()
+    >>> model = Model()
+    >>> hook = DiscriminatorHook(learning_rate=0.1)
+    >>> engine = Engine(model, EngineConfig(max_iter=2), torch.device("cpu"),
+    ...                 hooks=[hook])
+    >>> [id(p) for g in engine.optimizer.param_groups for p in g["params"]] == [
+    ...     id(model.w)]  # the engine's optimiser leaves the discriminator alone
+    True
+    >>> sorted(engine.fit(TensorBatches((torch.ones(4),), 2)).history)
+    ['discriminator', 'loss', 'n_skipped', 'time']
+    """
+
+    def __init__(self, optimizer: str = "adam", learning_rate: float = 1e-3) -> None:
+        self.optimizer_name = optimizer
+        self.learning_rate = learning_rate
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._sum = 0.0
+        self._count = 0
+
+    def owned_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        discriminator = getattr(module, "discriminator", None)
+        return [] if discriminator is None else list(discriminator.parameters())
+
+    def on_epoch_begin(self, engine: Engine) -> None:
+        if self.optimizer is None:
+            params = self.owned_parameters(engine.module)
+            self.optimizer = make_optimizer(
+                self.optimizer_name, params, self.learning_rate
+            )
+        self._sum, self._count = 0.0, 0
+
+    def after_step(
+        self, engine: Engine, batch: tuple, outputs: Mapping[str, torch.Tensor]
+    ) -> None:
+        loss = engine.module.discriminator_loss()
+        if loss is None:
+            return
+        self.optimizer.zero_grad(set_to_none=True)  # drops the model's gradients
+        loss.backward()
+        value = float(loss.detach())
+        if math.isfinite(value):  # a non-finite loss never reaches the weights
+            self.optimizer.step()
+            self._sum += value
+            self._count += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def on_epoch_end(self, engine: Engine, logs: dict[str, float]) -> None:
+        logs["discriminator"] = self._sum / self._count if self._count else float("nan")
