@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,3 +277,87 @@ def test_vae_decode_is_likelihood_mean():
     z = torch.randn(3, 2)
     torch.testing.assert_close(module.decode(z), torch.sigmoid(decoder(z)))
     assert module.n_components == 2
+
+
+# ---------------------------------------------------------------------------
+# contrastive VAE module and its discriminator
+# ---------------------------------------------------------------------------
+def _pair_loss_after_training(s, z, steps=300):
+    from neurovae.nn import PairDiscriminator
+
+    disc = PairDiscriminator(s.shape[1], z.shape[1])
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = disc.loss(s, z, generator)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return disc.loss(s, z, generator).item()
+
+
+def test_pair_discriminator_detects_dependence_only():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(256, 2, generator=g)
+    dependent = _pair_loss_after_training(
+        z[:, :1] + 0.1 * torch.randn(256, 1, generator=g), z
+    )
+    independent = _pair_loss_after_training(
+        torch.randn(256, 1, generator=g), z, steps=50
+    )
+    assert dependent < 0.5 < 1.2 < independent  # log(4) = 1.39 when at chance
+
+
+def _contrastive(n_features=6, n_shared=2, n_salient=1, disc=True):
+    from neurovae.nn import ContrastiveVAEModule, PairDiscriminator
+
+    enc_z, dec = make_backbone("mlp", (n_features,), n_shared + n_salient, **SMALL)
+    enc_s, _ = make_backbone("mlp", (n_features,), n_shared + n_salient, **SMALL)
+    return ContrastiveVAEModule(
+        enc_z,
+        enc_s,
+        dec,
+        GaussianLatent(8, n_shared),
+        GaussianLatent(8, n_salient),
+        make_likelihood("gaussian", (n_features,)),
+        PairDiscriminator(n_salient, n_shared) if disc else None,
+    )
+
+
+@torch.no_grad()
+def test_background_samples_are_decoded_without_salient_code():
+    module = _contrastive().eval()
+    x = torch.randn(4, 6)
+    background = torch.zeros(4, dtype=torch.bool)
+    nll, kl, code = module.terms(x, background)
+    assert (code[:, 2:] == 0).all() and (code[:, :2] != 0).all()
+    mu, logvar = module.encode(x)
+    np.testing.assert_allclose(kl, kl_standard_normal(mu[:, :2], logvar[:, :2]))
+    # a target sample's KL adds its salient posterior's
+    _, kl_t, code_t = module.terms(x, ~background)
+    np.testing.assert_allclose(kl_t, kl_standard_normal(mu, logvar), rtol=1e-6)
+    assert (code_t[:, 2:] != 0).all()
+    groups = module.elbo_groups(x)
+    np.testing.assert_allclose(groups[:, 0], -(nll + kl), rtol=1e-6)
+
+
+def test_contrastive_loss_terms_and_detached_codes():
+    module = _contrastive().train()
+    x, target = torch.randn(8, 6), torch.tensor([True] * 4 + [False] * 4)
+    out = module.loss((x, target))
+    assert set(out) == {"loss", "recon", "kl", "tc"}
+    module.gamma, module.beta = 2.0, 0.5
+    out = module.loss((x, target))
+    # the objective and its terms agree (the noise differs between calls)
+    assert torch.allclose(out["loss"], out["recon"] + 0.5 * out["kl"] + 2.0 * out["tc"])
+    s, z = module.last_codes
+    assert s.shape == (4, 1) and z.shape == (4, 2) and not s.requires_grad
+    module.zero_grad(set_to_none=True)
+    module.discriminator_loss().backward()
+    trained = {n for n, p in module.named_parameters() if p.grad is not None}
+    assert trained and all(n.startswith("discriminator.") for n in trained)
+    assert module.discriminator_loss() is None  # the codes are used once
+    # fewer than two target samples: no pairs to compare
+    out = _contrastive().train().loss((x, torch.tensor([True] + [False] * 7)))
+    assert out["tc"] == 0

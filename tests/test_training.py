@@ -668,3 +668,100 @@ def test_no_warning_in_a_clean_run():
         Engine(Quadratic(), EngineConfig(max_iter=2), CPU).fit(
             batches((torch.ones(4),), 2)
         )
+
+
+# ---------------------------------------------------------------------------
+# group-balanced batches
+# ---------------------------------------------------------------------------
+def test_balanced_batches_draw_every_group_at_the_same_rate():
+    groups = torch.tensor([0] * 10 + [1] * 3)
+    batches = TensorBatches(
+        (torch.arange(13),),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        groups=groups,
+    )
+    assert len(batches) == 3  # one pass over the 10 samples of the larger group
+    for _ in range(2):  # two passes, fresh orders
+        seen = [b[0] for b in batches]
+        assert [len(b) for b in seen] == [8, 8, 4]
+        for b in seen:
+            n = len(b) // 2
+            assert (groups[b[:n]] == 0).all() and (groups[b[n:]] == 1).all()
+        large = torch.cat([b[: len(b) // 2] for b in seen])
+        assert sorted(large.tolist()) == list(range(10))  # each exactly once
+        small = torch.cat([b[len(b) // 2 :] for b in seen])
+        # the small group is cycled through: every sample before any repeats
+        assert set(small[:3].tolist()) == set(small[3:6].tolist()) == {10, 11, 12}
+    # unshuffled passes (validation) ignore the groups
+    plain = TensorBatches((torch.arange(13),), 4, shuffle=False, groups=groups)
+    assert [b[0].tolist() for b in plain][0] == [0, 1, 2, 3]
+
+
+def test_dataset_batches_with_groups_match_tensor_batches():
+    from torch.utils.data import TensorDataset
+
+    from neurovae.training import DatasetBatches
+
+    groups = torch.tensor([0, 1] * 3 + [0] * 5)
+    data = torch.arange(11.0)
+    kw = dict(batch_size=3, shuffle=True, groups=groups)
+    a = TensorBatches((data,), generator=torch.Generator().manual_seed(1), **kw)
+    b = DatasetBatches(
+        TensorDataset(data), generator=torch.Generator().manual_seed(1), **kw
+    )
+    assert len(a) == len(b)
+    for _ in range(2):
+        assert [x[0].tolist() for x in a] == [x[0].tolist() for x in b]
+
+
+# ---------------------------------------------------------------------------
+# the discriminator hook
+# ---------------------------------------------------------------------------
+class WithCritic(nn.Module):
+    """A regression whose critic learns to predict the (detached) residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+        self.discriminator = nn.Linear(3, 1)
+        self.stash = None
+
+    def forward(self, batch):
+        x, y = batch
+        err = self.linear(x).squeeze(1) - y
+        # the critic's output enters the model's loss: its gradient reaches
+        # the critic's weights, which the engine must not step
+        penalty = self.discriminator(x).mean()
+        if self.training:
+            self.stash = (x.detach(), err.detach())
+        return {"loss": err.pow(2).mean() + 0.1 * penalty}
+
+    def discriminator_loss(self):
+        x, err = self.stash
+        return (self.discriminator(x).squeeze(1) - err).pow(2).mean()
+
+
+def test_discriminator_hook_trains_the_critic_with_its_own_optimiser():
+    from neurovae.training import DiscriminatorHook
+
+    regression = batches(regression_data(), 16, seed=0)
+    module = WithCritic()
+    hook = DiscriminatorHook(learning_rate=0.05)
+    engine = Engine(
+        module, EngineConfig(max_iter=30, learning_rate_init=0.05), CPU, hooks=[hook]
+    )
+    main = {id(p) for group in engine.optimizer.param_groups for p in group["params"]}
+    assert main == {id(p) for p in module.linear.parameters()}
+    before = module.discriminator.weight.detach().clone()
+    result = engine.fit(regression)
+    losses = result.history["discriminator"]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    assert not torch.equal(before, module.discriminator.weight)
+    # the critic's loss sees detached inputs: no gradient reaches the model
+    module.train()
+    module(next(iter(regression)))
+    module.zero_grad(set_to_none=True)
+    module.discriminator_loss().backward()
+    assert all(p.grad is None for p in module.linear.parameters())
