@@ -66,7 +66,11 @@ class ContrastiveVAE(BaseVAE):
 {_COMMON_PARAMETERS}
         For this model the decoder of a user backbone maps codes of size
         ``n_components + n_salient_components`` (``[z, s]``); the encoder is
-        copied twice, for the shared and the salient space.
+        copied twice, for the shared and the salient space. ``batch_size``
+        counts samples *per group*: every step takes ``batch_size`` target
+        and ``batch_size`` background samples ("auto": at most 200, and no
+        more than the smaller group holds); a group with fewer training
+        samples than an integer ``batch_size`` (or than 2) is an error.
     beta : float, default=1.0
         Weight of the KL terms (its final value under a schedule); with
         ``deterministic=True`` the weight of the L2 penalty.
