@@ -424,3 +424,30 @@ def test_salient_space_holds_the_target_factors(one_thread):
     # the loss fell and the discriminator saw little dependence left
     assert est.history_["loss"][-1] < est.history_["loss"][0]
     assert est.history_["discriminator"][-1] > 1.0  # log(4) = 1.39: no dependence
+
+
+def test_healthy_twin_differences_concentrate_in_the_planted_region(one_thread):
+    from neurovae.datasets import make_brain_population
+
+    imgs, y, info = make_brain_population(
+        48, resolution=8, effect=0.8, n_patients=24, effect_fwhm=40.0, random_state=0
+    )
+    est = ContrastiveVAE(
+        n_components=4,
+        n_salient_components=2,
+        channels=(4, 8, 16),
+        batch_size=8,
+        learning_rate_init=3e-3,
+        max_iter=15,
+        mask_img=info["mask"],
+        random_state=0,
+        device="cpu",
+    ).fit(imgs, y)
+    patients = [img for img, label in zip(imgs, y) if label == 1]
+    _, difference = est.background_twin(patients)
+    inside = info["mask"].get_fdata() > 0
+    atrophy = info["atrophy_map"].get_fdata()[inside]
+    change = np.abs(difference.get_fdata()).mean(axis=-1)[inside]
+    core = atrophy >= np.quantile(atrophy, 0.9)  # the 10 % most atrophied voxels
+    assert change[core].mean() > 2.5 * change[~core].mean()
+    assert np.corrcoef(change, atrophy)[0, 1] > 0.5
