@@ -52,7 +52,8 @@ class ContrastiveVAE(BaseVAE):
     Parameters
     ----------
     n_components : int, default=8
-        Dimension of the shared latent space (``z``).
+        Dimension of the shared latent space (``z``); the decoder takes
+        ``n_components + n_salient_components`` values.
     n_salient_components : int, default=2
         Dimension of the salient latent space (``s``).
     background_label : int, float, str or bool, default=0
@@ -86,7 +87,12 @@ class ContrastiveVAE(BaseVAE):
     gamma : float, default=1.0
         Weight of the total-correlation penalty; 0 turns the discriminator
         off. Larger values press harder for independent salient and shared
-        codes, at some cost in reconstruction.
+        codes, at some cost in reconstruction. The estimated total
+        correlation is of the order of one nat per sample, while the
+        reconstruction term grows with the number of features (thousands of
+        nats for a brain image), so on images the penalty mostly breaks ties;
+        very large values let the encoders fool the discriminator rather than
+        separate the spaces.
     deterministic : bool, default=False
         Train a regularised autoencoder instead of a VAE: the codes are the
         posterior means (no sampling) and the KL terms are replaced by the
@@ -372,6 +378,10 @@ class ContrastiveVAE(BaseVAE):
         Deterministic, and computed sample by sample: the result does not
         depend on which other samples are passed in the same call.
 
+        The salient encoder is trained on target samples only: the salient
+        codes of background samples are what it extrapolates to (in practice
+        near those of the least affected targets), not zero.
+
         Parameters
         ----------
         X : array-like or Niimg-like
@@ -437,7 +447,9 @@ class ContrastiveVAE(BaseVAE):
         compare with the subject: the shared code is kept and the salient
         code set to zero. The difference ``full reconstruction - twin`` is
         where and how much the target-specific variation changes this
-        subject's data.
+        subject's data. For background samples the salient code is the
+        encoder's extrapolation (see :meth:`transform`), so their difference
+        is small but not zero.
 
         Parameters
         ----------
