@@ -765,3 +765,62 @@ def test_discriminator_hook_trains_the_critic_with_its_own_optimiser():
     module.zero_grad(set_to_none=True)
     module.discriminator_loss().backward()
     assert all(p.grad is None for p in module.linear.parameters())
+
+
+# ---------------------------------------------------------------------------
+# skipping large updates, moving average of the weights
+# ---------------------------------------------------------------------------
+def test_updates_above_skip_threshold_are_skipped_and_counted():
+    x, y = regression_data(n=64)
+    y = y.clone()
+    y[48:] *= 1e4  # the last batch (unshuffled) has a huge gradient
+    module = Regression()
+    config = EngineConfig(max_iter=2, learning_rate_init=0.01, skip_threshold=1e3)
+    result = Engine(module, config, CPU).fit(batches((x, y), 16))
+    assert result.history["n_skipped"] == [1, 1]
+    assert result.history["n_skipped_large"] == [1, 1]
+    # the same run on the first three batches only gives the same weights
+    torch.manual_seed(0)
+    a = Regression()
+    torch.manual_seed(0)
+    b = Regression()
+    Engine(a, config, CPU).fit(batches((x, y), 16))
+    Engine(b, config, CPU).fit(batches((x[:48], y[:48]), 16))
+    assert torch.equal(a.linear.weight, b.linear.weight)
+
+
+def test_skip_threshold_sees_the_norm_before_clipping():
+    x, y = regression_data(n=64)
+    config = EngineConfig(max_iter=1, max_grad_norm=0.01, skip_threshold=1e6)
+    result = Engine(Regression(), config, CPU).fit(batches((x, y), 16))
+    assert result.history["n_skipped"] == [0]  # clipped, not skipped
+    config = EngineConfig(max_iter=1, max_grad_norm=1e6, skip_threshold=1e-9)
+    with pytest.raises(DivergenceError, match="every step of epoch 1.*skip_threshold"):
+        Engine(Regression(), config, CPU).fit(batches((x, y), 16))
+
+
+def test_moving_average_of_the_weights():
+    x, y = regression_data(n=32)
+    decay = 0.9
+    torch.manual_seed(0)
+    module = Regression()
+    expected = [p.detach().clone() for p in module.parameters()]
+    raw = Regression()
+    raw.load_state_dict(module.state_dict())
+    config = EngineConfig(max_iter=3, optimizer="sgd", learning_rate_init=0.05)
+    # the raw trajectory, step by step, averaged by hand
+    engine = Engine(raw, config, CPU)
+    for _ in range(3):
+        for batch in batches((x, y), 8):
+            engine.optimizer.zero_grad()
+            raw(batch)["loss"].backward()
+            engine.optimizer.step()
+            for e, p in zip(expected, raw.parameters()):
+                e.mul_(decay).add_((1 - decay) * p.detach())
+    ema = Engine(module, EngineConfig(**{**config.__dict__, "ema_decay": decay}), CPU)
+    result = ema.fit(batches((x, y), 8), val=batches((x, y), 8))
+    for e, p in zip(expected, module.parameters()):
+        torch.testing.assert_close(p, e)  # the module holds the average
+    # validation evaluated the averaged weights
+    last = Engine(module, config, CPU).evaluate(batches((x, y), 8))
+    assert result.history["val_loss"][-1] == pytest.approx(last["loss"])

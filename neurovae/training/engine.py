@@ -9,6 +9,7 @@ with its own optimiser) plug a :class:`Hook` in; no estimator writes a loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -142,8 +143,19 @@ class EngineConfig:
     verbose : int, default=0
         0: silent; 1: a progress bar; 2 or more: one line per epoch.
     max_consecutive_skips : int, default=20
-        Non-finite steps in a row after which :class:`DivergenceError` is
+        Skipped steps in a row after which :class:`DivergenceError` is
         raised.
+    skip_threshold : float or None, default=None
+        Skip (and count in ``n_skipped``) every update whose gradient norm,
+        before clipping, is above this value, as very deep VAEs do against
+        rare huge gradients; None skips only non-finite ones. An epoch whose
+        every update is skipped raises :class:`DivergenceError` instead of
+        stalling silently.
+    ema_decay : float or None, default=None
+        Keep an exponential moving average of the weights, updated after
+        every step (``ema = decay * ema + (1 - decay) * weights``); it is
+        what validation evaluates and what the module holds after training.
+        None keeps the raw weights.
     name : str, default="model"
         Name used in progress output and error messages.
 
@@ -166,6 +178,8 @@ class EngineConfig:
     precision: str = "32"
     verbose: int = 0
     max_consecutive_skips: int = 20
+    skip_threshold: float | None = None
+    ema_decay: float | None = None
     name: str = "model"
 
 
@@ -283,6 +297,9 @@ class Engine:
             config.weight_decay,
         )
         self._snapshot: dict[str, torch.Tensor] | None = None
+        self._ema: list[torch.Tensor] | None = None
+        if config.ema_decay is not None:
+            self._ema = [p.detach().clone() for p in self._params]
 
     # -- helpers ---------------------------------------------------------
     def _set_schedules(self, progress: float | None) -> None:
@@ -290,7 +307,36 @@ class Engine:
             value = schedule.final if progress is None else schedule(progress)
             setattr(self.module, name, value)
 
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the module holds the moving average of its
+        weights (when ``config.ema_decay`` is set); the raw weights are put
+        back afterwards."""
+        if self._ema is None:
+            yield
+            return
+        raw = [p.detach().clone() for p in self._params]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self._params], self._ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self._params], raw)
+
+    def _update_ema(self) -> None:
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                self._ema,
+                [p.detach() for p in self._params],
+                1.0 - self.config.ema_decay,
+            )
+
     def _save_snapshot(self) -> None:
+        with self.averaged_weights():
+            self._copy_state()
+
+    def _copy_state(self) -> None:
         state = self.module.state_dict()
         if self._snapshot is None:
             self._snapshot = {k: v.detach().clone() for k, v in state.items()}
@@ -323,14 +369,15 @@ class Engine:
         sums: dict[str, float] = {}
         n_seen = 0
         try:
-            for batch in batches:
-                with autocast(self.device, self.config.precision):
-                    out = self.module(batch)
-                n = batch[0].shape[0]
-                values = torch.stack([v.detach().float() for v in out.values()])
-                for key, value in zip(out, values.tolist()):
-                    sums[key] = sums.get(key, 0.0) + value * n
-                n_seen += n
+            with self.averaged_weights():
+                for batch in batches:
+                    with autocast(self.device, self.config.precision):
+                        out = self.module(batch)
+                    n = batch[0].shape[0]
+                    values = torch.stack([v.detach().float() for v in out.values()])
+                    for key, value in zip(out, values.tolist()):
+                        sums[key] = sums.get(key, 0.0) + value * n
+                    n_seen += n
         finally:
             self.module.train(was_training)
         return {key: value / n_seen for key, value in sums.items()}
@@ -340,7 +387,7 @@ class Engine:
         module, optimizer, params = self.module, self.optimizer, self._params
         module.train()
         sums: dict[str, float] = {}
-        n_seen = n_skipped = consecutive = 0
+        n_seen = n_skipped = n_large = consecutive = 0
         n_batches = len(batches)
         for i, batch in enumerate(batches):
             if self.schedules:
@@ -350,30 +397,36 @@ class Engine:
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             values = torch.stack([v.detach().float() for v in out.values()])
-            if cfg.max_grad_norm is not None:
+            measure = cfg.max_grad_norm is not None or cfg.skip_threshold is not None
+            if measure:
                 # clipping computes the gradient norm anyway: check it too.
                 # (Without clipping a separate pass over every gradient would
                 # cost ~4 % of a small model's step; a finite loss with a
                 # non-finite gradient then shows up as a non-finite loss at
                 # the next step, which is skipped and counted in turn.)
-                norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                clip = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+                norm = nn.utils.clip_grad_norm_(params, clip)
                 values = torch.cat([values, norm.float().reshape(1)])
             values = values.tolist()  # the one device sync of the step
-            finite = cfg.max_grad_norm is None or math.isfinite(values.pop())
+            norm = values.pop() if measure else 0.0
             terms = dict(zip(out, values))
-            finite = finite and math.isfinite(terms["loss"])
-            if not finite:
+            finite = math.isfinite(norm) and math.isfinite(terms["loss"])
+            too_large = cfg.skip_threshold is not None and norm > cfg.skip_threshold
+            if not finite or too_large:
                 n_skipped += 1
                 consecutive += 1
+                n_large += finite and too_large
                 optimizer.zero_grad(set_to_none=True)
                 if consecutive >= cfg.max_consecutive_skips:
                     raise self._divergence(
-                        f"{consecutive} consecutive steps had a non-finite loss "
-                        f"or gradient (epoch {self.epoch + 1})"
+                        f"{consecutive} consecutive steps {self._skip_reason()} "
+                        f"(epoch {self.epoch + 1})"
                     )
                 continue
             consecutive = 0
             optimizer.step()
+            if self._ema is not None:
+                self._update_ema()
             for hook in self.hooks:
                 hook.after_step(self, batch, out)
             n = batch[0].shape[0]
@@ -382,15 +435,25 @@ class Engine:
             n_seen += n
         if n_seen == 0:
             raise self._divergence(
-                f"every step of epoch {self.epoch + 1} had a non-finite loss or "
-                "gradient"
+                f"every step of epoch {self.epoch + 1} {self._skip_reason()}"
             )
         logs = {key: value / n_seen for key, value in sums.items()}
         logs["n_skipped"] = n_skipped
+        if cfg.skip_threshold is not None:
+            logs["n_skipped_large"] = n_large
         return logs
 
+    def _skip_reason(self) -> str:
+        if self.config.skip_threshold is None:
+            return "had a non-finite loss or gradient"
+        return (
+            "had a non-finite loss or gradient, or a gradient norm above "
+            f"skip_threshold={self.config.skip_threshold:g}"
+        )
+
     def _report(self, logs: dict[str, float], total: int, bar) -> None:
-        shown = {k: v for k, v in logs.items() if k not in ("time", "n_skipped")}
+        hidden = ("time", "n_skipped", "n_skipped_large")
+        shown = {k: v for k, v in logs.items() if k not in hidden}
         if self.config.verbose == 1:
             bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             bar.update(1)
@@ -496,7 +559,8 @@ class Engine:
         finally:
             bar.close()
             self._set_schedules(None)
-        if cfg.early_stopping and not result.interrupted:
+        if (cfg.early_stopping or self._ema is not None) and not result.interrupted:
+            # the best epoch's weights, or with a moving average its average
             self._restore_snapshot()
         result.best_epoch = best_epoch
         return result
