@@ -25,9 +25,16 @@ from neurovae.nn.likelihoods import (
     make_likelihood,
 )
 from neurovae.nn.vae import VAEModule
+from neurovae.nn.very_deep import (
+    BottleneckBlock3d,
+    TopDownBlock3d,
+    VeryDeepVAEModule,
+    kl_diagonal_gaussians,
+)
 
 __all__ = [
     "BernoulliLikelihood",
+    "BottleneckBlock3d",
     "ContrastiveVAEModule",
     "ConvDecoder3d",
     "ConvEncoder3d",
@@ -39,10 +46,13 @@ __all__ = [
     "ResNetDecoder3d",
     "ResNetEncoder3d",
     "PairDiscriminator",
+    "TopDownBlock3d",
     "VAEModule",
+    "VeryDeepVAEModule",
     "dry_run",
     "infer_output_size",
     "make_backbone",
+    "kl_diagonal_gaussians",
     "kl_standard_normal",
     "make_likelihood",
 ]

@@ -1,0 +1,268 @@
+"""Tests of the very deep hierarchical VAE module (neurovae.nn.very_deep)."""
+
+import pytest
+import torch
+
+from neurovae.nn import (
+    BottleneckBlock3d,
+    TopDownBlock3d,
+    VeryDeepVAEModule,
+    kl_diagonal_gaussians,
+    make_likelihood,
+)
+
+SHAPE = (16, 16, 8)
+
+
+def make_vae(shape=SHAPE, **kwargs):
+    params = dict(
+        channels=(8, 8, 8),
+        channels_hidden=(4, 4, 4),
+        channels_per_latent=(1, 2, 2),
+        latents_per_resolution=(1, 1, 2),
+        kernel_sizes=(1, 3, 3),
+        n_blocks_per_resolution=1,
+    )
+    params.update(kwargs)
+    likelihood = params.pop("likelihood", None) or make_likelihood(
+        "gaussian", (1, *shape), scale="feature"
+    )
+    torch.manual_seed(0)
+    return VeryDeepVAEModule(1, shape, likelihood=likelihood, **params)
+
+
+def batch(n=3, shape=SHAPE, seed=1):
+    return torch.randn(n, 1, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_bookkeeping_and_shapes():
+    vae = make_vae()
+    assert vae.n_latent_groups == 4
+    assert vae.level_of_group == [2, 2, 1, 0]  # coarsest first
+    assert vae.latent_shapes == [(2, 4, 4, 2), (2, 4, 4, 2), (2, 8, 8, 4), (1, *SHAPE)]
+    x = batch()
+    zs = vae.encode(x)
+    assert [tuple(z.shape[1:]) for z in zs] == vae.latent_shapes
+    assert all(len(z) == 3 for z in zs)
+    assert vae.decode_latents(zs).shape == x.shape
+    assert vae.sample(2).shape == (2, 1, *SHAPE)
+    acts = vae.bottom_up(x)
+    assert [tuple(a.shape[2:]) for a in acts] == [SHAPE, (8, 8, 4), (4, 4, 2)]
+
+
+def test_loss_terms():
+    vae = make_vae()
+    vae.generator = torch.Generator().manual_seed(0)
+    terms = vae.loss((batch(),))
+    assert sorted(terms) == [
+        "kl",
+        "kl_level0",
+        "kl_level1",
+        "kl_level2",
+        "loss",
+        "recon",
+    ]
+    assert all(t.shape == () for t in terms.values())
+    levels = terms["kl_level0"] + terms["kl_level1"] + terms["kl_level2"]
+    torch.testing.assert_close(levels, terms["kl"])
+    torch.testing.assert_close(terms["loss"], terms["recon"] + terms["kl"])
+    assert vae((batch(),))["loss"].requires_grad  # forward is loss
+    vae.beta = 0.0
+    vae.generator = torch.Generator().manual_seed(0)
+    terms0 = vae.loss((batch(),))
+    torch.testing.assert_close(terms0["loss"], terms0["recon"])
+
+
+def test_kl_nonnegative_and_matches_distributions():
+    vae = make_vae()
+    groups = vae.latent_distributions(batch())
+    for group in groups:
+        assert (group["kl"] >= 0).all()
+    g = groups[2]
+    q = torch.distributions.Normal(g["q_mean"], g["q_logstd"].exp())
+    p = torch.distributions.Normal(g["p_mean"], g["p_logstd"].exp())
+    expected = torch.distributions.kl_divergence(q, p).flatten(1).sum(1)
+    torch.testing.assert_close(g["kl"], expected)
+
+
+def test_kl_closed_form_against_monte_carlo():
+    gen = torch.Generator().manual_seed(0)
+    q_mean, p_mean = torch.randn(2, 1, 3, generator=gen).unbind(0)
+    q_logstd, p_logstd = (0.3 * torch.randn(2, 1, 3, generator=gen)).unbind(0)
+    q = torch.distributions.Normal(q_mean, q_logstd.exp())
+    p = torch.distributions.Normal(p_mean, p_logstd.exp())
+    z = q.sample((200_000,))
+    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    kl = kl_diagonal_gaussians(q_mean, q_logstd, p_mean, p_logstd)
+    assert kl.shape == (1,)
+    torch.testing.assert_close(kl, mc, atol=0.02, rtol=0.02)
+    zero = torch.zeros(1, 3)
+    assert kl_diagonal_gaussians(zero, zero, zero, zero).item() == 0.0
+
+
+def test_priors_start_standard_normal():
+    vae = make_vae()
+    blocks = [b for level in reversed(vae.dec_groups) for b in level]
+    assert blocks[0].prior is None  # the first group's prior is N(0, I)
+    assert all(b.prior is not None for b in blocks[1:])
+    for group in vae.latent_distributions(batch()):
+        assert group["p_mean"].count_nonzero() == 0
+        assert group["p_logstd"].count_nonzero() == 0
+
+
+def test_first_group_below_an_empty_coarsest_resolution():
+    vae = make_vae(latents_per_resolution=(1, 2, 0))
+    assert vae.level_of_group == [1, 1, 0]
+    assert vae.dec_groups[1][0].prior is None
+    assert vae.dec_groups[1][1].prior is not None
+    assert len(vae.dec_blocks[2]) == 1 and len(vae.dec_blocks[1]) == 0
+    terms = vae.loss((batch(),))
+    assert terms["kl_level2"].item() == 0.0
+    assert vae.sample(2, temperature=0.0).shape == (2, 1, *SHAPE)
+
+
+def test_eval_is_deterministic_and_batch_independent():
+    vae = make_vae().eval()
+    x = batch(4)
+    with torch.no_grad():
+        first, second = vae.elbo(x), vae.elbo(x)
+        alone = vae.elbo(x[2:3])
+        loss1, loss2 = vae.loss((x,))["loss"], vae.loss((x,))["loss"]
+    assert first.shape == (4,)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(alone, first[2:3], rtol=1e-5, atol=1e-3)
+    assert loss1.item() == loss2.item()
+    encoded = vae.encode(x[2:3])
+    for a, b in zip(encoded, vae.encode(x)):
+        torch.testing.assert_close(a, b[2:3], rtol=1e-5, atol=1e-5)
+
+
+def test_training_noise_follows_generator():
+    vae = make_vae()
+    x = batch()
+    losses = []
+    for seed in (0, 0, 1):
+        vae.generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            losses.append(vae.loss((x,))["loss"].item())
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_adam_steps_reduce_loss():
+    vae = make_vae(shape=(8, 8, 8), channels_per_latent=(1, 1, 1))
+    vae.generator = torch.Generator().manual_seed(0)
+    x = batch(4, shape=(8, 8, 8))
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    vae.eval()
+    with torch.no_grad():
+        before = vae.loss((x,))["loss"].item()
+    vae.train()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = vae.loss((x,))["loss"]
+        loss.backward()
+        opt.step()
+    vae.eval()
+    with torch.no_grad():
+        after = vae.loss((x,))["loss"].item()
+    assert after < 0.9 * before
+
+
+def test_sample_temperature():
+    vae = make_vae()
+    a, b = vae.sample(2, temperature=0.0), vae.sample(2, temperature=0.0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a[0], a[1])
+    c = vae.sample(2, generator=torch.Generator().manual_seed(3))
+    d = vae.sample(2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(c, d, rtol=0, atol=0)
+    assert not torch.allclose(c[0], c[1])
+    assert not c.requires_grad
+
+
+def test_decode_latents_partial_and_errors():
+    vae = make_vae()
+    zs = vae.encode(batch(2))
+    full = vae.decode_latents(zs)
+    part = vae.decode_latents(zs[:2])  # the rest are prior means
+    assert part.shape == full.shape
+    with pytest.raises(ValueError, match="latent 1 must have shape"):
+        vae.decode_latents([zs[0], zs[2]])
+    with pytest.raises(ValueError, match="5 latents for 4"):
+        vae.decode_latents([*zs, zs[-1]])
+    with pytest.raises(ValueError, match="expected volumes of shape"):
+        vae.encode(torch.zeros(1, 1, 8, 8, 8))
+
+
+def test_gradient_checkpointing_matches():
+    vae = make_vae()
+    x = batch(2)
+    grads = []
+    for flag in (False, True):
+        vae.gradient_checkpointing = flag
+        vae.generator = torch.Generator().manual_seed(0)
+        vae.zero_grad()
+        loss = vae.loss((x,))["loss"]
+        loss.backward()
+        grads.append((loss.detach(), vae.stem.weight.grad.clone()))
+    assert all(
+        m.gradient_checkpointing
+        for m in vae.modules()
+        if isinstance(m, BottleneckBlock3d)
+    )
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_masked_likelihood():
+    mask = torch.zeros(*SHAPE)
+    mask[4:12, 4:12, 2:6] = 1
+    likelihood = make_likelihood("gaussian", (1, *SHAPE), scale="feature", mask=mask)
+    vae = make_vae(likelihood=likelihood).eval()
+    unmasked = make_vae().eval()  # same seed, same weights
+    x = batch(2)
+    with torch.no_grad():
+        nll_masked, nll = vae.terms(x)[0], unmasked.terms(x)[0]
+    assert nll_masked.shape == (2,) and nll_masked.isfinite().all()
+    assert (nll_masked.abs() < nll.abs()).all()  # fewer voxels counted
+
+
+def test_last_layers_scaled_by_depth():
+    vae = make_vae()
+    torch.manual_seed(0)
+    unscaled = BottleneckBlock3d(8, 4, 8, kernel_size=1)
+    torch.manual_seed(0)
+    scaled = BottleneckBlock3d(8, 4, 8, kernel_size=1, last_scale=0.5)
+    torch.testing.assert_close(scaled.convs[-1].weight, 0.5 * unscaled.convs[-1].weight)
+    bound = unscaled.convs[-1].weight.abs().max()
+    assert vae.enc_blocks[0][0].convs[-1].weight.abs().max() < bound  # 1 / sqrt(3)
+    top = TopDownBlock3d(8, 4, 2)
+    assert top.prior.convs[-1].weight.count_nonzero() == 0
+    assert top.prior.convs[-1].bias.count_nonzero() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(channels_hidden=(4, 4)), "channels_hidden has 2 entries"),
+        (dict(kernel_sizes=(3, 3)), "kernel_sizes has 2 entries"),
+        (dict(latents_per_resolution=(1, 1)), "latents_per_resolution has 2"),
+        (dict(channels_per_latent=(1, 1, 1, 1)), "channels_per_latent has 4"),
+        (dict(latents_per_resolution=(0, 0, 0)), "at least one group"),
+        (dict(kernel_sizes=(1, 2, 3)), "odd"),
+        (dict(channels=(8, 0, 8)), "channels must be positive"),
+    ],
+)
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_vae(**kwargs)
+
+
+def test_input_shape_not_divisible():
+    with pytest.raises(ValueError, match=r"side y = 10 is not divisible by .* = 4"):
+        make_vae(shape=(16, 10, 8))
+    with pytest.raises(ValueError, match="side z = 2"):
+        make_vae(shape=(16, 16, 2))  # smaller than 2**(3 - 1)
+    with pytest.raises(ValueError, match=r"\(x, y, z\)"):
+        make_vae(shape=(16, 16))
