@@ -259,10 +259,18 @@ def test_constructor_errors(kwargs, match):
         make_vae(**kwargs)
 
 
-def test_input_shape_not_divisible():
-    with pytest.raises(ValueError, match=r"side y = 10 is not divisible by .* = 4"):
-        make_vae(shape=(16, 10, 8))
-    with pytest.raises(ValueError, match="side z = 2"):
-        make_vae(shape=(16, 16, 2))  # smaller than 2**(3 - 1)
+def test_any_input_shape_is_padded_and_cropped():
+    vae = make_vae(shape=(9, 10, 3))  # not multiples of 2**(3 - 1) = 4
+    assert vae.padded_shape == (12, 12, 4)
+    assert vae.latent_shapes[-1] == (1, 12, 12, 4)  # the finest group
+    x = torch.randn(2, 1, 9, 10, 3)
+    out, _ = vae.top_down(2, vae.bottom_up(x))
+    assert out.shape == (2, 1, 9, 10, 3)
+    assert vae.sample(2).shape == (2, 1, 9, 10, 3)
+    vae.eval()
+    assert torch.isfinite(vae.elbo(x)).all()
+    # the padding is centred; the output is cropped from the same place
+    assert vae._pad == [0, 1, 1, 1, 1, 2]  # (z, y, x) as F.pad takes them
+    assert vae._crop == (slice(1, 10), slice(1, 11), slice(0, 3))
     with pytest.raises(ValueError, match=r"\(x, y, z\)"):
         make_vae(shape=(16, 16))

@@ -381,8 +381,10 @@ class VeryDeepVAEModule(nn.Module):
     in_channels : int
         Channels of the input volumes (1 for a scalar image).
     input_shape : tuple of int
-        ``(x, y, z)``; each side must be divisible by ``2**(n_resolutions-1)``
-        (pad the volumes).
+        ``(x, y, z)``. Sides that are not multiples of
+        ``2**(n_resolutions - 1)`` are zero-padded (centred) to the next
+        multiple in the encoder, and the decoder's output is cropped back;
+        the likelihood sees the original grid only.
     channels : sequence of int
         Width of the residual stream at each resolution, highest first; its
         length is the number of resolutions.
@@ -502,15 +504,21 @@ class VeryDeepVAEModule(nn.Module):
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (x, y, z), got {input_shape}")
         factor = 2 ** (n - 1)
-        for axis, side in zip("xyz", input_shape):
-            if side < factor or side % factor:
-                raise ValueError(
-                    f"input_shape side {axis} = {side} is not divisible by "
-                    f"2**(n_resolutions - 1) = {factor} ({n} resolutions); pad "
-                    "the volumes"
-                )
+        # sides are zero-padded (centred) up to a multiple of 2**(n - 1) and
+        # outputs cropped back, so that any grid works (91 x 109 x 91 included)
+        padded = tuple(-(-side // factor) * factor for side in input_shape)
         self.in_channels = int(in_channels)
         self.input_shape = input_shape
+        self.padded_shape = padded
+        self._pad = []
+        for side, size in zip(reversed(input_shape), reversed(padded)):
+            before = (size - side) // 2
+            self._pad += [before, size - side - before]
+        self._crop = tuple(
+            slice(p0, p0 + side)
+            for side, p0 in zip(input_shape, reversed(self._pad[::2]))
+        )
+        input_shape = padded
         self.shapes = [tuple(s // 2**r for s in input_shape) for r in range(n)]
         self.n_resolutions = n
         self.level_of_group = [
@@ -631,6 +639,8 @@ class VeryDeepVAEModule(nn.Module):
                 f"expected volumes of shape {(self.in_channels, *self.input_shape)}"
                 f", got {tuple(x.shape[1:])}"
             )
+        if any(self._pad):
+            x = F.pad(x, self._pad)
         h = self.stem(x)
         acts = []
         for r, blocks in enumerate(self.enc_blocks):
@@ -701,7 +711,10 @@ class VeryDeepVAEModule(nn.Module):
                 groups.append(group)
             for block in self.dec_blocks[r]:
                 h = block(h)
-        return self.out_conv(h), groups
+        out = self.out_conv(h)
+        if any(self._pad):
+            out = out[(slice(None), slice(None), *self._crop)]
+        return out, groups
 
     # -- the VAE protocol --------------------------------------------------
     def latent_distributions(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
