@@ -595,11 +595,11 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             return data, None
         n_samples = len(data) if isinstance(data, Dataset) else data[0].shape[0]
         groups = self._groups(data)
-        strata = (
-            [np.arange(n_samples)]
-            if groups is None
-            else [np.flatnonzero(groups.cpu().numpy() == g) for g in groups.unique()]
-        )
+        if groups is None:
+            strata = [np.arange(n_samples)]
+        else:
+            codes = groups.cpu().numpy()
+            strata = [np.flatnonzero(codes == g) for g in np.unique(codes)]
         rng = np.random.default_rng(seed)
         train_idx, val_idx = [], []
         for members in strata:
@@ -634,9 +634,9 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         groups = self._groups(data) if shuffle else None
         if groups is not None:
             groups = groups.cpu()
+            counts = torch.unique(groups, return_counts=True)[1]
             batch_size = self._resolved_batch_size(
-                int(torch.unique(groups, return_counts=True)[1].min()),
-                n_groups=len(torch.unique(groups)),
+                int(counts.min()), n_groups=len(counts)
             )
         else:
             n_samples = len(data) if isinstance(data, Dataset) else data[0].shape[0]

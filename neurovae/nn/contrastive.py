@@ -234,6 +234,10 @@ class ContrastiveVAEModule(nn.Module):
         ``code`` is the ``[z, s]`` that was decoded.
         """
         mu, logvar = self.encode(x)
+        return self._decoded_terms(x, mu, logvar, target, eps)
+
+    def _decoded_terms(self, x, mu, logvar, target, eps):
+        """:meth:`terms` given the posterior of ``x`` (encoded once)."""
         if self.deterministic:
             code = mu
         else:
@@ -300,5 +304,10 @@ class ContrastiveVAEModule(nn.Module):
 
     def elbo_groups(self, x: torch.Tensor) -> torch.Tensor:
         """ELBO of each sample as background (column 0) and as target (1)."""
+        mu, logvar = self.encode(x)  # once: only the decoding differs
         ones = torch.ones(len(x), dtype=torch.bool, device=x.device)
-        return torch.stack([self.elbo(x, ~ones), self.elbo(x, ones)], dim=1)
+        elbos = []
+        for target in (~ones, ones):
+            nll, kl, _ = self._decoded_terms(x, mu, logvar, target, None)
+            elbos.append(-(nll + kl))
+        return torch.stack(elbos, dim=1)
