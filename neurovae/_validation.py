@@ -71,6 +71,7 @@ class IntSequence:
     """A non-empty sequence of positive ints (layer sizes, channels)."""
 
     allow_empty: bool = False
+    minimum: int = 1
 
     def __call__(self, value) -> bool:
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
@@ -79,13 +80,16 @@ class IntSequence:
         if not items and not self.allow_empty:
             return False
         return all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+            isinstance(v, numbers.Integral)
+            and not isinstance(v, bool)
+            and v >= self.minimum
             for v in items
         )
 
     def describe(self) -> str:
         kind = "a" if self.allow_empty else "a non-empty"
-        return f"{kind} sequence of positive ints"
+        sign = "positive" if self.minimum == 1 else f">= {self.minimum}"
+        return f"{kind} sequence of {sign} ints"
 
 
 @dataclass(frozen=True)
