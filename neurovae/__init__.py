@@ -4,5 +4,13 @@ from neurovae._version import __version__
 from neurovae.contrastive import ContrastiveVAE
 from neurovae.persistence import load
 from neurovae.vae import VAE, BetaVAE
+from neurovae.very_deep import VeryDeepVAE
 
-__all__ = ["VAE", "BetaVAE", "ContrastiveVAE", "__version__", "load"]
+__all__ = [
+    "VAE",
+    "BetaVAE",
+    "ContrastiveVAE",
+    "VeryDeepVAE",
+    "__version__",
+    "load",
+]
