@@ -257,7 +257,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self.beta,
             warmup_iter=self.warmup_iter,
             n_cycles=self.n_cycles,
-            total_iter=self.max_iter,
+            total_iter=self._param("max_iter"),
         )
 
     def _likelihood_mask(self) -> torch.Tensor | None:
@@ -528,8 +528,9 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         With groups, ``n_samples`` is the size of the smallest group and the
         result is the number of samples taken from each group per step."""
-        if self.batch_size != "auto":
-            return min(int(self.batch_size), n_samples)
+        batch_size = self._param("batch_size")
+        if batch_size != "auto":
+            return min(int(batch_size), n_samples)
         if len(self.input_shape_) == 1:
             return min(_AUTO_BATCH, n_samples)
         per_batch = max(1, _AUTO_VOXELS // (n_groups * self.n_features_in_))
@@ -545,11 +546,19 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "likelihood_scale",
     )
 
+    def _param(self, name: str):
+        """The value of parameter ``name`` in effect for this fit.
+
+        The parameter itself, unless the family takes some values from
+        elsewhere (:class:`~neurovae.VeryDeepVAE` from its ``config``). Code
+        that reads a parameter the config may set goes through here."""
+        return getattr(self, name)
+
     def _structure(self) -> dict:
         """Values of ``_structure_params`` (module backbones by class name)."""
         values = {}
         for name in self._structure_params:
-            value = getattr(self, name)
+            value = self._param(name)
             if _is_module_pair(value):
                 value = tuple(type(m).__name__ for m in value)
             elif isinstance(value, list):
@@ -559,11 +568,11 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _engine_config(self) -> EngineConfig:
         return EngineConfig(
-            max_iter=self.max_iter,
+            max_iter=self._param("max_iter"),
             optimizer=self.optimizer,
-            learning_rate_init=self.learning_rate_init,
+            learning_rate_init=self._param("learning_rate_init"),
             weight_decay=self.weight_decay,
-            max_grad_norm=self.max_grad_norm,
+            max_grad_norm=self._param("max_grad_norm"),
             early_stopping=self.early_stopping,
             n_iter_no_change=self.n_iter_no_change,
             tol=self.tol,
@@ -603,12 +612,13 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         rng = np.random.default_rng(seed)
         train_idx, val_idx = [], []
         for members in strata:
-            n_val = math.ceil(self.validation_fraction * len(members))
+            fraction = self._param("validation_fraction")
+            n_val = math.ceil(fraction * len(members))
             if n_val < 1 or len(members) - n_val < 1:
                 where = "" if groups is None else " of a group"
                 raise ValueError(
                     f"{type(self).__name__}: early_stopping with "
-                    f"validation_fraction={self.validation_fraction} leaves no "
+                    f"validation_fraction={fraction} leaves no "
                     f"training or validation sample out of {len(members)}{where}; "
                     "pass more samples or set early_stopping=False."
                 )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 from neurovae._validation import Interval, Options
 from neurovae.base import BaseVAE
 from neurovae.nn import VAEModule
 from neurovae.training import Constant, Linear, Schedule
 
-_COMMON_PARAMETERS = """
+# parameters of the families built on a backbone pair (not VeryDeepVAE)
+_NETWORK_PARAMETERS = """
     backbone : {"auto", "mlp", "conv", "resnet"} or (encoder, decoder), \
 default="auto"
         Network of the encoder and decoder. "auto" picks "mlp" for 2-D input
@@ -29,7 +33,10 @@ default="auto"
         (so the ELBO is a proper bound and the model does not collapse to the
         mean image); "bernoulli" needs data in [0, 1].
     likelihood_scale : {"global", "feature"}, default="global"
-        Learn one scale for all features, or one per feature (voxel).
+        Learn one scale for all features, or one per feature (voxel)."""
+
+# parameters of every family: training, device, data
+_TRAINING_PARAMETERS = """
     optimizer : {"adam", "adamw", "sgd", "adamax"}, default="adam"
         Optimiser of the network weights.
     learning_rate_init : float, default=1e-3
@@ -89,6 +96,22 @@ default="auto"
         Worker processes reading images from files while the model trains
         (a ``torch`` ``DataLoader``); 0 reads them in the main process. Only
         used for Niimg-like input that lives on disk."""
+
+_COMMON_PARAMETERS = _NETWORK_PARAMETERS + _TRAINING_PARAMETERS
+
+
+def _signature_defaults(doc: str, init) -> str:
+    """``doc`` with the ``default=`` of every parameter line taken from the
+    signature of ``init``, for a family whose defaults differ from the shared
+    text (a parameter line is ``    name : description, default=value``)."""
+    for name, param in inspect.signature(init).parameters.items():
+        if param.default is inspect.Parameter.empty:
+            continue
+        value = param.default
+        text = f'"{value}"' if isinstance(value, str) else repr(value)
+        doc = re.sub(rf"(\n    {name} : [^\n]*default=)[^\n]*", rf"\g<1>{text}", doc)
+    return doc
+
 
 _VAE_ATTRIBUTES = """
     module_ : neurovae.nn.VAEModule

@@ -250,13 +250,31 @@ def test_last_layers_scaled_by_depth():
         (dict(latents_per_resolution=(1, 1)), "latents_per_resolution has 2"),
         (dict(channels_per_latent=(1, 1, 1, 1)), "channels_per_latent has 4"),
         (dict(latents_per_resolution=(0, 0, 0)), "at least one group"),
-        (dict(kernel_sizes=(1, 2, 3)), "odd"),
+        (dict(kernel_sizes=(1, 0, 3)), "kernel_sizes must be >= 1"),
         (dict(channels=(8, 0, 8)), "channels must be positive"),
     ],
 )
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_vae(**kwargs)
+
+
+def test_even_kernels_keep_the_grid():
+    """The reference's configurations use kernel 2 near the coarsest level."""
+    vae = make_vae(kernel_sizes=(2, 3, 2))
+    x = torch.randn(2, 1, *vae.input_shape)
+    assert vae.sample(2).shape == x.shape
+    assert torch.isfinite(vae.eval().elbo(x)).all()
+    block = BottleneckBlock3d(2, 2, 2, kernel_size=2)
+    conv = block.convs[1]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1, 1] = 1.0  # picks the next voxel along each axis
+        conv.bias.zero_()
+    y = torch.arange(8.0).reshape(1, 1, 2, 2, 2).expand(1, 2, 2, 2, 2)
+    out = conv(y)
+    assert out.shape == y.shape
+    assert out[0, 0, 0, 0, 0] == y[0, 0, 1, 1, 1] and out[0, 0, 1, 1, 1] == 0
 
 
 def test_any_input_shape_is_padded_and_cropped():

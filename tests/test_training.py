@@ -799,6 +799,24 @@ def test_skip_threshold_sees_the_norm_before_clipping():
         Engine(Regression(), config, CPU).fit(batches((x, y), 16))
 
 
+def test_skip_warmup_lets_the_first_steps_through():
+    x, y = regression_data(n=64)
+
+    def config(warmup):  # 4 steps per epoch; every step's norm is above 1e-9
+        return EngineConfig(
+            max_iter=2, max_grad_norm=1e6, skip_threshold=1e-9, skip_warmup=warmup
+        )
+
+    # the warm-up counts steps across epochs: 4 in epoch 1, then 2 of epoch 2
+    module = Regression()
+    before = module.linear.weight.detach().clone()
+    result = Engine(module, config(6), CPU).fit(batches((x, y), 16))
+    assert result.history["n_skipped_large"] == [0, 2]
+    assert not torch.equal(module.linear.weight, before)
+    with pytest.raises(DivergenceError, match="every step of epoch 2"):
+        Engine(Regression(), config(4), CPU).fit(batches((x, y), 16))
+
+
 def test_moving_average_of_the_weights():
     x, y = regression_data(n=32)
     decay = 0.9

@@ -93,6 +93,27 @@ def kl_diagonal_gaussians(
     return kl.flatten(1).sum(dim=1)
 
 
+class _SameConv3d(nn.Conv3d):
+    """A stride-1 convolution whose output keeps its input's grid, for any
+    kernel size: odd kernels pad symmetrically, even ones pad one voxel more
+    at the end of each axis than at the start (as ``padding="same"``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        odd = kernel_size % 2 == 1
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=kernel_size // 2 if odd else 0,
+        )
+        self._pad = None if odd else ((kernel_size - 1) // 2, kernel_size // 2) * 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pad is not None:
+            x = F.pad(x, self._pad)
+        return super().forward(x)
+
+
 class BottleneckBlock3d(nn.Module):
     """Residual bottleneck of VDVAE: (act, conv) x 4 with 1x1, k, k, 1x1 kernels.
 
@@ -105,8 +126,10 @@ class BottleneckBlock3d(nn.Module):
     out_channels : int
         Channels of the output; must equal ``in_channels`` when ``residual``.
     kernel_size : int, default=3
-        Odd kernel size of the two middle convolutions (1 makes the block
-        purely channel-wise, the cheap choice at high resolution).
+        Kernel size of the two middle convolutions (1 makes the block purely
+        channel-wise, the cheap choice at high resolution). The output keeps
+        the input's grid; an even size pads one voxel more at the end of
+        each axis than at the start.
     residual : bool, default=True
         Add the input to the output.
     zero_last : bool, default=False
@@ -153,17 +176,16 @@ class BottleneckBlock3d(nn.Module):
                 "a residual block needs in_channels == out_channels, got "
                 f"{in_channels} and {out_channels}"
             )
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
-        pad = kernel_size // 2
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         self.residual = residual
         self.gradient_checkpointing = False
         self.act = _activation(activation)
         self.convs = nn.ModuleList(
             [
                 nn.Conv3d(in_channels, hidden_channels, 1),
-                nn.Conv3d(hidden_channels, hidden_channels, kernel_size, padding=pad),
-                nn.Conv3d(hidden_channels, hidden_channels, kernel_size, padding=pad),
+                _SameConv3d(hidden_channels, hidden_channels, kernel_size),
+                _SameConv3d(hidden_channels, hidden_channels, kernel_size),
                 nn.Conv3d(hidden_channels, out_channels, 1),
             ]
         )
@@ -396,7 +418,8 @@ class VeryDeepVAEModule(nn.Module):
         Number of latent groups at each resolution (0 allowed; at least one
         group in all).
     kernel_sizes : sequence of int
-        Odd kernel size of the middle convolutions at each resolution.
+        Kernel size of the middle convolutions at each resolution (even sizes
+        pad one voxel more at the end of each axis).
     likelihood : nn.Module
         Observation model with ``log_prob(x, out)`` and ``mean(out)``.
     n_blocks_per_resolution : int, default=2
@@ -493,9 +516,8 @@ class VeryDeepVAEModule(nn.Module):
                 "latents_per_resolution must be >= 0 with at least one group in "
                 f"all, got {n_latents}"
             )
-        for k in kernels:
-            if k < 1 or k % 2 == 0:
-                raise ValueError(f"kernel_sizes must be odd and >= 1, got {kernels}")
+        if min(kernels) < 1:
+            raise ValueError(f"kernel_sizes must be >= 1, got {kernels}")
         if n_blocks_per_resolution < 1:
             raise ValueError(
                 f"n_blocks_per_resolution must be >= 1, got {n_blocks_per_resolution}"
@@ -584,7 +606,7 @@ class VeryDeepVAEModule(nn.Module):
         )
         self.out_conv = nn.Sequential(
             _activation(activation),
-            nn.Conv3d(channels[0], out_channels, kernels[0], padding=kernels[0] // 2),
+            _SameConv3d(channels[0], out_channels, kernels[0]),
         )
         self.likelihood = likelihood
 

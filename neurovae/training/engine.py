@@ -151,6 +151,12 @@ class EngineConfig:
         rare huge gradients; None skips only non-finite ones. An epoch whose
         every update is skipped raises :class:`DivergenceError` instead of
         stalling silently.
+    skip_warmup : int, default=0
+        The first ``skip_warmup`` training steps (counted from the start of
+        training, across epochs) are never skipped for a large gradient
+        norm, only for a non-finite one: the first steps of a fresh network
+        have large gradients, and a threshold tuned for later training would
+        otherwise skip them all.
     ema_decay : float or None, default=None
         Keep an exponential moving average of the weights, updated after
         every step (``ema = decay * ema + (1 - decay) * weights``); it is
@@ -179,6 +185,7 @@ class EngineConfig:
     verbose: int = 0
     max_consecutive_skips: int = 20
     skip_threshold: float | None = None
+    skip_warmup: int = 0
     ema_decay: float | None = None
     name: str = "model"
 
@@ -411,7 +418,11 @@ class Engine:
             norm = values.pop() if measure else 0.0
             terms = dict(zip(out, values))
             finite = math.isfinite(norm) and math.isfinite(terms["loss"])
-            too_large = cfg.skip_threshold is not None and norm > cfg.skip_threshold
+            too_large = (
+                cfg.skip_threshold is not None
+                and norm > cfg.skip_threshold
+                and self.epoch * n_batches + i >= cfg.skip_warmup
+            )
             if not finite or too_large:
                 n_skipped += 1
                 consecutive += 1
