@@ -52,6 +52,7 @@ _FITTED = (
     "affine_",
     "intensity_offset_",
     "intensity_scale_",
+    "config_params_",
 )
 
 
