@@ -1026,6 +1026,35 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         return float(np.mean(self.score_samples(X)))
 
+    def bits_per_voxel(self, X) -> np.ndarray:
+        """Negative ELBO of each sample in bits per voxel (lower is better).
+
+        ``-score_samples(X) / (n_values * log(2))``, with ``n_values`` the
+        modelled values of a sample: its voxels (times channels) inside the
+        mask, or its features for flat data. The unit of very deep VAE
+        papers, comparable across grids and models. Scores are of the raw
+        intensities, so for continuous data it may be negative.
+
+        Parameters
+        ----------
+        X : array-like or Niimg-like
+            Data shaped as at ``fit``.
+
+        Returns
+        -------
+        bpv : ndarray of shape (n_samples,)
+
+        Examples
+        --------
+        >>> from sklearn.datasets import load_digits
+        >>> from neurovae import VAE
+        >>> X = load_digits().data
+        >>> vae = VAE(n_components=4, max_iter=3, random_state=0).fit(X)
+        >>> vae.bits_per_voxel(X[:5]).shape
+        (5,)
+        """
+        return -self.score_samples(X) / (self._n_likelihood_features() * math.log(2))
+
     # ------------------------------------------------------------------
     # persistence
     # ------------------------------------------------------------------

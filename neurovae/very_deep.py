@@ -177,8 +177,8 @@ def read_config(config) -> tuple[dict, tuple[int, ...] | None, list[str]]:
     ...     "kernel_sizes_bottom_up": [3, 3, 3, 3, 2, 1],
     ...     "use_tanh_output": True})
     >>> params
-    {'latents_per_resolution': (2, 5, 4, 3, 2, 1), \
-'kernel_sizes': (3, 3, 3, 3, 2, 1), 'max_iter': 10}
+    {'latents_per_resolution': [2, 5, 4, 3, 2, 1], \
+'kernel_sizes': [3, 3, 3, 3, 2, 1], 'max_iter': 10}
     >>> grid, not_applied
     ((32, 32, 32), ['use_tanh_output=True'])
     """
@@ -204,7 +204,6 @@ def read_config(config) -> tuple[dict, tuple[int, ...] | None, list[str]]:
         if key not in config:
             continue
         value = config[key]
-        value = tuple(value) if isinstance(value, list) else value
         if name in params and not _same_value(params[name], value):
             raise ValueError(
                 f"{key}={list(value)} differs from the value the configuration "
@@ -748,25 +747,6 @@ class VeryDeepVAE(BaseVAE):
             chunks.append(out.float().cpu())
             left -= n
         return self._to_output(torch.cat(chunks), self._fit_dtype)
-
-    def bits_per_voxel(self, X) -> np.ndarray:
-        """Negative ELBO of each volume in bits per voxel (lower is better).
-
-        ``-score_samples(X) / (n_values * log(2))``, with ``n_values`` the
-        voxels (times channels) inside the mask: the usual unit of very deep
-        VAEs, comparable across grids. For continuous data it may be
-        negative.
-
-        Parameters
-        ----------
-        X : array-like or Niimg-like
-            Volumes shaped as at ``fit``.
-
-        Returns
-        -------
-        bpv : ndarray of shape (n_samples,)
-        """
-        return -self.score_samples(X) / (self._n_likelihood_features() * math.log(2))
 
 
 # the shared training parameters, with this family's defaults
