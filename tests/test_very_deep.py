@@ -1,5 +1,6 @@
 """VeryDeepVAE: the estimator face, its configurations, training and I/O."""
 
+import inspect
 import json
 import pickle
 import warnings
@@ -7,6 +8,9 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import cross_val_score
 
 from neurovae import VeryDeepVAE, load
 from neurovae.datasets import make_ellipsoids
@@ -341,3 +345,19 @@ def test_round_trip_with_a_config(volumes, tmp_path, how, one_thread):
     # it keeps training with the configuration's parameters
     loaded.set_params(warm_start=True).fit(volumes)
     assert loaded.n_iter_ == 4
+
+
+def test_scikit_learn_contract(volumes, one_thread):
+    """The parts of the contract that do not need 2-D data (scikit-learn's
+    own checks feed 2-D arrays, which this volume model refuses)."""
+    est = VeryDeepVAE(**TINY, config={"total_epochs": 1})
+    twin = clone(est)
+    assert twin.get_params() == est.get_params()
+    assert set(est.get_params()) == set(
+        inspect.signature(VeryDeepVAE.__init__).parameters
+    ) - {"self"}
+    with pytest.raises(NotFittedError):
+        est.transform(volumes)
+    scores = cross_val_score(est, volumes, cv=2)
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+    assert "kernel_sizes" in repr(est)
