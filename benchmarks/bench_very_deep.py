@@ -331,12 +331,17 @@ def print_header(info: dict, args: argparse.Namespace, max_iter: int) -> None:
         f"data: make_ellipsoids({args.n_train} + {args.n_test}, shape=32^3, "
         f"random_state=seed) | seeds={args.seeds}"
     )
-    print(f"max_iter={max_iter} for both models ({note}); batch_size='auto' for both")
+    print(
+        f"max_iter={max_iter} for every model ({note}); each model's default "
+        f"batch_size (VeryDeepVAE {VeryDeepVAE().batch_size!r}, VAE "
+        f"{VAE().batch_size!r}: the resolved sizes are in the table)"
+    )
     vd_desc = "VeryDeepVAE(random_state=seed" + (
         f", max_iter={max_iter})" if max_iter != default_iter else ")"
     )
     vae_desc = ", ".join(f"{k}={v!r}" for k, v in VAE_PARAMS.items())
     print(f"models: {vd_desc}  vs  VAE({vae_desc}, max_iter={max_iter}, ...)")
+    print("         and the same VAE with likelihood_scale='feature' (VAE voxel-sd)")
     print()
 
 
