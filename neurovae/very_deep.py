@@ -79,6 +79,8 @@ _CONFIG_FIXED = {
     "latents_to_use": "all",
     "latents_to_optimise": "all",
 }
+# names of a linear output activation (output_activation_function)
+_LINEAR_NAMES = ("identity", "linear", "none")
 
 
 @functools.cache
@@ -222,8 +224,8 @@ def read_config(config) -> tuple[dict, tuple[int, ...] | None, list[str]]:
     not_applied = []
     for key, value in _CONFIG_FIXED.items():
         given = config.get(key, value)
-        if isinstance(given, str) and given.lower() in ("identity", "linear", "none"):
-            given = given.lower() if value != "identity" else "identity"
+        if key == "output_activation_function" and given.lower() in _LINEAR_NAMES:
+            given = value  # another name of neurovae's linear output
         if not _same_value(given, value):
             not_applied.append(f"{key}={given!r}")
     grid = config.get("nii_target_shape")
@@ -649,11 +651,7 @@ class VeryDeepVAE(BaseVAE):
         check_is_fitted(self)
         k = self._top_groups()
         X = self._check_X(X, reset=False)
-
-        def top(batch):
-            return torch.cat([m.flatten(1) for m in self.module_.encode(batch)[:k]], 1)
-
-        return self._batched(top, X).numpy().astype(self._dtype_of(X), copy=False)
+        return self._flat_means(X, k).numpy().astype(self._dtype_of(X), copy=False)
 
     def transform_levels(self, X) -> list[np.ndarray]:
         """Posterior means of every latent group, coarsest first.
@@ -671,25 +669,33 @@ class VeryDeepVAE(BaseVAE):
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
-        shapes = self.module_.latent_shapes
-        sizes = [math.prod(s) for s in shapes]
-        flat = self._batched(
-            lambda b: torch.cat([m.flatten(1) for m in self.module_.encode(b)], 1), X
-        ).numpy()
-        dtype = self._dtype_of(X)
-        out, start = [], 0
-        for shape, size in zip(shapes, sizes):
-            out.append(flat[:, start : start + size].reshape(-1, *shape).astype(dtype))
-            start += size
-        return out
+        n_groups = self.module_.n_latent_groups
+        flat = self._flat_means(X, n_groups).numpy()
+        groups = self._groups_of(flat, n_groups)
+        return [g.astype(self._dtype_of(X)) for g in groups]
 
-    def _codes(self, Z: torch.Tensor):
+    def _flat_means(self, X, n_groups: int) -> torch.Tensor:
+        """Posterior means of the first ``n_groups`` groups of checked ``X``,
+        each flattened, side by side."""
+        module = self.module_
+
+        def means(batch):
+            return torch.cat([m.flatten(1) for m in module.encode(batch)[:n_groups]], 1)
+
+        return self._batched(means, X)
+
+    def _groups_of(self, flat, n_groups: int):
+        """Split the flattened means of the first ``n_groups`` groups (an
+        array or a tensor) back into ``(n, channels, x, y, z)`` volumes."""
         groups, start = [], 0
-        for shape in self.module_.latent_shapes[: self._top_groups()]:
+        for shape in self.module_.latent_shapes[:n_groups]:
             size = math.prod(shape)
-            groups.append(Z[:, start : start + size].reshape(-1, *shape))
+            groups.append(flat[:, start : start + size].reshape(-1, *shape))
             start += size
         return groups
+
+    def _codes(self, Z: torch.Tensor):
+        return self._groups_of(Z, self._top_groups())
 
     def inverse_transform(self, X):
         """Decode top-group codes; the finer groups take their prior means.
@@ -705,13 +711,14 @@ class VeryDeepVAE(BaseVAE):
             Decoded volumes in raw intensities.
         """
         check_is_fitted(self)
-        Z = torch.tensor(self._check_Z(X), dtype=torch.float32)
+        Z = self._check_Z(X)
         module = self.module_
 
         def decode(batch):
             return module.decode_latents(self._codes(batch))
 
-        return self._to_output(self._batched(decode, Z), self._check_Z(X).dtype)
+        codes = torch.tensor(Z, dtype=torch.float32)
+        return self._to_output(self._batched(decode, codes), Z.dtype)
 
     def _reconstructions(self, X) -> torch.Tensor:
         module = self.module_
@@ -745,15 +752,14 @@ class VeryDeepVAE(BaseVAE):
         generator = torch.Generator(device=device).manual_seed(
             self._draw_seed(random_state)
         )
-        module = self.module_.eval()
-        chunks, left = [], int(n_samples)
-        size = max(1, 2**22 // self.n_features_in_)
-        while left:
-            n = min(size, left)
-            out = module.sample(n, temperature=float(temperature), generator=generator)
-            chunks.append(out.float().cpu())
-            left -= n
-        return self._to_output(torch.cat(chunks), self._fit_dtype)
+        module = self.module_
+
+        def draw(rows):  # rows: an empty placeholder per volume of the chunk
+            return module.sample(len(rows), float(temperature), generator=generator)
+
+        # _batched sizes the chunks and applies eval mode and the precision
+        volumes = self._batched(draw, torch.empty(int(n_samples), 0))
+        return self._to_output(volumes, self._fit_dtype)
 
 
 # the shared training parameters, with this family's defaults

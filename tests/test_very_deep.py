@@ -361,3 +361,19 @@ def test_scikit_learn_contract(volumes, one_thread):
     scores = cross_val_score(est, volumes, cv=2)
     assert scores.shape == (2,) and np.isfinite(scores).all()
     assert "kernel_sizes" in repr(est)
+
+
+def test_bad_input(volumes, one_thread):
+    bad = volumes.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        VeryDeepVAE(**TINY).fit(bad)
+    est = VeryDeepVAE(**TINY).fit(volumes)
+    with pytest.raises(ValueError, match="temperature"):
+        est.sample(2, temperature=-1.0)
+    with pytest.raises(ValueError):
+        est.transform(volumes[:, :5])  # another grid
+    with pytest.raises(ValueError):
+        est.inverse_transform(np.zeros((2, 3)))  # not the top group's width
+    with pytest.raises(ValueError, match="n_transform_groups=9 but the model has 3"):
+        est.set_params(n_transform_groups=9).transform(volumes)
