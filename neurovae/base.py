@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import os
 from collections.abc import Callable
 
 import nibabel as nib
@@ -29,6 +30,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from neurovae._fingerprint import data_digest, describe, state_digest
 from neurovae._validation import (
     AnyOf,
     Custom,
@@ -58,6 +60,8 @@ from neurovae.nn import (
 )
 from neurovae.training import (
     PRECISIONS,
+    Checkpoint,
+    CheckpointError,
     DatasetBatches,
     Engine,
     EngineConfig,
@@ -99,6 +103,21 @@ def _is_random_state(value) -> bool:
 
 def _is_device(value) -> bool:
     return isinstance(value, (str, torch.device))
+
+
+def _is_directory(value) -> bool:
+    return value is None or isinstance(value, (str, os.PathLike))
+
+
+# parameters that cannot change what a fit computes: a checkpoint written
+# under other values of these is resumed (device: its type is compared)
+_NOT_FINGERPRINTED = (
+    "verbose",
+    "warm_start",
+    "checkpoint_dir",
+    "num_workers",
+    "device",
+)
 
 
 def _is_mask(value) -> bool:
@@ -157,6 +176,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         ),
         "scaling": Options(("auto", "minmax", "zscore", None)),
         "num_workers": Interval(int, 0),
+        "checkpoint_dir": Custom(_is_directory, "None or a directory path"),
     }
 
     # ------------------------------------------------------------------
@@ -688,6 +708,55 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         return (self._to_tensor(X), *targets)
 
+    # ------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------
+    def _fingerprint_params(self) -> dict:
+        """The parameters a checkpoint must agree on, as JSON values.
+
+        All of ``get_params`` but those that cannot change the result
+        (``_NOT_FINGERPRINTED``); the mask as the fit resolved it."""
+        params = self.get_params(deep=False)
+        for name in _NOT_FINGERPRINTED:
+            params.pop(name, None)
+        if "mask_img" in params:
+            mask = getattr(self, "_mask", None)
+            params["mask_img"] = None if mask is None else describe(mask)
+        return {name: describe(value) for name, value in params.items()}
+
+    def _open_checkpoint(self, X, data, device, warm: bool) -> Checkpoint:
+        """The checkpoint of this fit in ``checkpoint_dir``, read: a
+        checkpoint of the same run is to be resumed, another one refused."""
+        if isinstance(data, Dataset):
+            targets = tuple(getattr(data, "targets", ()))
+        else:
+            targets = tuple(data[1:])
+        fingerprint = {
+            "estimator": type(self).__name__,
+            "parameters": self._fingerprint_params(),
+            "data": data_digest(X, targets),
+            "device": device.type,
+        }
+        start = {"epoch": 0}
+        if warm:  # continues the fitted model: the checkpoint must too
+            start = {
+                "epoch": int(self.n_iter_),
+                "seed": int(self._seed),
+                "weights": state_digest(self.module_.state_dict()),
+            }
+        path = os.path.join(
+            os.fspath(self.checkpoint_dir), f"{type(self).__name__}.ckpt"
+        )
+        checkpoint = Checkpoint(path, fingerprint, start=start)
+        if checkpoint.read() and not warm:
+            seed = checkpoint.metadata.get("seed")
+            if not (isinstance(seed, int) and not isinstance(seed, bool)):
+                raise CheckpointError(
+                    f"{path} holds an invalid seed ({seed!r}) and was not loaded. "
+                    "Delete it to start afresh."
+                )
+        return checkpoint
+
     def fit(self, X, y=None):
         """Fit the model to ``X``.
 
@@ -728,17 +797,26 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self._fit_scaling(stats)
         self._check_data(X, stats)
         device = resolve_device(self.device)
+        data = self._training_data(X, y)
+        checkpoint = None
+        if self.checkpoint_dir is not None:
+            checkpoint = self._open_checkpoint(X, data, device, warm)
         if not warm:
-            self._seed = self._draw_seed(self.random_state)
+            if checkpoint is not None and checkpoint.state is not None:
+                self._seed = checkpoint.metadata["seed"]  # also for None
+            else:
+                self._seed = self._draw_seed(self.random_state)
             self._fit_dtype = (
                 "float32" if isinstance(X, ImageCollection) else (X.dtype.name)
             )
+        if checkpoint is not None:
+            checkpoint.metadata = {"seed": self._seed}
         n_done = self.n_iter_ if warm else 0
         init_seed, shuffle_seed, noise_seed = (
             int(v)
             for v in np.random.SeedSequence([self._seed, n_done]).generate_state(3)
         )
-        train_data, val_data = self._split(self._training_data(X, y), self._seed)
+        train_data, val_data = self._split(data, self._seed)
         train = self._batches(train_data, device, shuffle=True, seed=shuffle_seed)
         val = None
         if val_data is not None:
@@ -760,7 +838,9 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             hooks=self._hooks(),
         )
         history = {k: list(v) for k, v in self.history_.items()} if warm else {}
-        result = engine.fit(train, val, history=history, start_epoch=n_done)
+        result = engine.fit(
+            train, val, history=history, start_epoch=n_done, checkpoint=checkpoint
+        )
         self.module_ = module
         self.history_ = result.history
         self.n_iter_ = n_done + result.n_epochs

@@ -197,6 +197,7 @@ class ContrastiveVAE(BaseVAE):
         mask_img=None,
         scaling="auto",
         num_workers=0,
+        checkpoint_dir=None,
     ):
         self.n_components = n_components
         self.n_salient_components = n_salient_components
@@ -231,6 +232,7 @@ class ContrastiveVAE(BaseVAE):
         self.mask_img = mask_img
         self.scaling = scaling
         self.num_workers = num_workers
+        self.checkpoint_dir = checkpoint_dir
 
     # ------------------------------------------------------------------
     # the model

@@ -95,7 +95,23 @@ _TRAINING_PARAMETERS = """
     num_workers : int, default=0
         Worker processes reading images from files while the model trains
         (a ``torch`` ``DataLoader``); 0 reads them in the main process. Only
-        used for Niimg-like input that lives on disk."""
+        used for Niimg-like input that lives on disk.
+    checkpoint_dir : str, path-like or None, default=None
+        Directory where ``fit`` keeps a checkpoint, ``<ClassName>.ckpt``,
+        rewritten atomically after every epoch with all the training state
+        (weights, optimisers, random generators, early-stopping state,
+        ``history_``). A ``fit`` with the same parameters and data that finds
+        it resumes where it stopped, even after the process was killed, and
+        ends with the same weights as an uninterrupted fit (bitwise on the
+        CPU); with ``random_state=None`` it reuses the interrupted fit's
+        seed. The checkpoint of a finished fit is kept, so fitting again
+        returns the same model without training. A checkpoint written with
+        other parameters (``verbose``, ``warm_start``, ``num_workers`` and
+        the device index excepted) or other data, or a corrupt one, is an
+        error, never loaded: delete the file or use another directory (one
+        per fit, e.g. per cross-validation fold). With ``warm_start=True``
+        on a fitted model, the checkpoint tracks the continued training and
+        replaces that of a finished earlier fit. None writes no checkpoint."""
 
 _COMMON_PARAMETERS = _NETWORK_PARAMETERS + _TRAINING_PARAMETERS
 
@@ -215,6 +231,7 @@ class VAE(BaseVAE):
         mask_img=None,
         scaling="auto",
         num_workers=0,
+        checkpoint_dir=None,
     ):
         self.n_components = n_components
         self.backbone = backbone
@@ -241,6 +258,7 @@ class VAE(BaseVAE):
         self.mask_img = mask_img
         self.scaling = scaling
         self.num_workers = num_workers
+        self.checkpoint_dir = checkpoint_dir
 
     def _build_module(self, sample_shape, stats) -> VAEModule:
         return self._vae_module(sample_shape, stats)
@@ -349,6 +367,7 @@ class BetaVAE(VAE):
         mask_img=None,
         scaling="auto",
         num_workers=0,
+        checkpoint_dir=None,
     ):
         super().__init__(
             n_components,
@@ -376,6 +395,7 @@ class BetaVAE(VAE):
             mask_img=mask_img,
             scaling=scaling,
             num_workers=num_workers,
+            checkpoint_dir=checkpoint_dir,
         )
         self.beta_schedule = beta_schedule
         self.warmup_iter = warmup_iter

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
+from neurovae._fingerprint import describe
 from neurovae._validation import Custom, Interval, IntSequence, Options, check_value
 from neurovae.base import BaseVAE
 from neurovae.nn import VeryDeepVAEModule
@@ -485,6 +486,7 @@ class VeryDeepVAE(BaseVAE):
         mask_img=None,
         scaling="auto",
         num_workers=0,
+        checkpoint_dir=None,
     ):
         self.channels = channels
         self.channels_hidden = channels_hidden
@@ -518,6 +520,7 @@ class VeryDeepVAE(BaseVAE):
         self.mask_img = mask_img
         self.scaling = scaling
         self.num_workers = num_workers
+        self.checkpoint_dir = checkpoint_dir
 
     # ------------------------------------------------------------------
     # the configuration
@@ -554,6 +557,14 @@ class VeryDeepVAE(BaseVAE):
             raise
         finally:
             self.__dict__.pop("_config_grid", None)
+
+    def _fingerprint_params(self) -> dict:
+        # the configuration by what it sets (a path's content, not its name)
+        params = super()._fingerprint_params()
+        if self.config is not None:
+            grid = self.__dict__.get("_config_grid")
+            params["config"] = describe({"params": self.config_params_, "grid": grid})
+        return params
 
     # ------------------------------------------------------------------
     # the model

@@ -2,10 +2,12 @@
 
 Minibatches with a seeded shuffle, optimisers, loss-weight schedules, early
 stopping with best-weight restoration, non-finite step skipping, gradient
-clipping, mixed precision and progress reporting. Models plug in through the
-``module(batch) -> dict of losses`` protocol and :class:`Hook` objects.
+clipping, mixed precision, progress reporting and checkpoints to resume from.
+Models plug in through the ``module(batch) -> dict of losses`` protocol and
+:class:`Hook` objects.
 """
 
+from neurovae.training.checkpoint import Checkpoint, CheckpointError
 from neurovae.training.data import DatasetBatches, TensorBatches
 from neurovae.training.device import PRECISIONS, autocast, local_rng, resolve_device
 from neurovae.training.engine import (
@@ -28,6 +30,8 @@ from neurovae.training.schedules import (
 __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
+    "Checkpoint",
+    "CheckpointError",
     "Constant",
     "Cyclical",
     "DatasetBatches",

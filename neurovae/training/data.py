@@ -227,6 +227,7 @@ class DatasetBatches:
         self.dataset = dataset
         self.n_samples = len(dataset)
         self.batch_size = int(batch_size)
+        self.generator = generator
         self.device = device
         pin = device is not None and device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from neurovae.training.checkpoint import Checkpoint, CheckpointError
 from neurovae.training.data import DatasetBatches, TensorBatches
 from neurovae.training.device import autocast
 from neurovae.training.optim import make_optimizer
@@ -110,6 +111,21 @@ class Hook:
 
     def on_epoch_end(self, engine: Engine, logs: dict[str, float]) -> None:
         """Called after validation; may add entries to ``logs``."""
+
+    def state_dict(self) -> dict:
+        """State the hook carries from epoch to epoch, for checkpoints.
+
+        Tensors and plain values only (a checkpoint is read with
+        ``torch.load(weights_only=True)``). A hook that keeps state across
+        epochs (an optimiser, a random generator, a counter) returns it here
+        and takes it back in :meth:`load_state_dict`, or runs resumed from a
+        checkpoint diverge from uninterrupted ones. The default has none.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back a state returned by :meth:`state_dict` (before the first
+        epoch of a resumed run)."""
 
 
 @dataclass
@@ -210,6 +226,9 @@ class EngineResult:
         Whether early stopping ended the run.
     interrupted : bool
         Whether the run was interrupted by ``KeyboardInterrupt``.
+    n_resumed : int
+        Epochs of ``n_epochs`` restored from a checkpoint rather than
+        trained by this call (0 without a checkpoint).
     extra : dict
         Free-form room for model-specific results.
 
@@ -240,6 +259,7 @@ class EngineResult:
     best_epoch: int | None = None
     stopped_early: bool = False
     interrupted: bool = False
+    n_resumed: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -478,6 +498,75 @@ class Engine:
                 flush=True,
             )
 
+    # -- checkpoints -----------------------------------------------------
+    def _generators(self, train: Batches) -> list[torch.Generator]:
+        """The random generators training draws from: those the module (or
+        any submodule) keeps as ``generator``, then the shuffling one."""
+        found: list[torch.Generator] = []
+        for m in self.module.modules():
+            g = m.__dict__.get("generator")
+            if isinstance(g, torch.Generator) and all(g is not h for h in found):
+                found.append(g)
+        g = getattr(train, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+        return found
+
+    def _state(self, train: Batches, progress: dict) -> dict:
+        """Everything a resumed run needs to continue bitwise (CPU)."""
+        snapshot = None
+        if self.config.early_stopping or self._ema is not None:
+            snapshot = self._snapshot  # otherwise it equals the module's weights
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "hooks": [hook.state_dict() for hook in self.hooks],
+            "generators": [g.get_state() for g in self._generators(train)],
+            "snapshot": snapshot,
+            "ema": self._ema,
+            "history": self.history,
+            "progress": progress,
+        }
+
+    def _restore(self, state: dict, train: Batches, start_epoch: int) -> dict:
+        """Load a state saved by :meth:`_state`; returns its ``progress``."""
+        progress = state["progress"]
+        generators = self._generators(train)
+        if (
+            progress.get("start_epoch") != start_epoch
+            or len(state["hooks"]) != len(self.hooks)
+            or len(state["generators"]) != len(generators)
+            or (state["ema"] is None) != (self._ema is None)
+        ):
+            raise CheckpointError(
+                "the checkpoint does not match this run's engine (start epoch, "
+                "hooks, random generators or moving average). Delete it to "
+                "start afresh."
+            )
+        try:
+            self.module.load_state_dict(state["module"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit this model ({exc}). Delete "
+                "it to start afresh."
+            ) from exc
+        for hook, hook_state in zip(self.hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)
+        for g, g_state in zip(generators, state["generators"]):
+            g.set_state(g_state)
+        if self._ema is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self._ema, list(state["ema"]))
+        if state["snapshot"] is not None:
+            self._snapshot = {
+                k: v.to(self.device) for k, v in state["snapshot"].items()
+            }
+        elif progress["best_epoch"] is not None:  # the last epoch's weights
+            self._copy_state()
+        self.history = state["history"]
+        return progress
+
     # -- main loop -------------------------------------------------------
     def fit(
         self,
@@ -486,6 +575,7 @@ class Engine:
         *,
         history: dict[str, list] | None = None,
         start_epoch: int = 0,
+        checkpoint: Checkpoint | None = None,
     ) -> EngineResult:
         """Train for up to ``config.max_iter`` epochs.
 
@@ -499,6 +589,12 @@ class Engine:
             History to append to (``warm_start``).
         start_epoch : int, default=0
             Epochs already run, so schedules continue where they stopped.
+        checkpoint : Checkpoint, optional
+            Write the training state there after every epoch. When its
+            :meth:`~Checkpoint.read` found a checkpoint of this run, the
+            run first restores that state (weights, optimiser, hooks, random
+            generators, early-stopping state, moving average, history) and
+            continues from it; a finished one trains no further.
 
         Returns
         -------
@@ -511,15 +607,39 @@ class Engine:
         total = start_epoch + cfg.max_iter
         best_loss, best_epoch, no_improve = math.inf, None, 0
         result = EngineResult(self.history, 0)
+        if checkpoint is not None and checkpoint.state is not None:
+            state, checkpoint.state = checkpoint.state, None
+            try:
+                progress = self._restore(state, train, start_epoch)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{checkpoint.path}: {exc}") from exc
+            del state
+            best_loss, best_epoch = progress["best_loss"], progress["best_epoch"]
+            no_improve = progress["no_improve"]
+            result = EngineResult(
+                self.history,
+                progress["n_epochs"],
+                stopped_early=progress["stopped_early"],
+                n_resumed=progress["n_epochs"],
+            )
+            if cfg.verbose >= 2:
+                what = "a finished run" if checkpoint.complete else "a checkpoint"
+                print(
+                    f"[{cfg.name}.fit] resuming {what} at epoch "
+                    f"{start_epoch + result.n_epochs}/{total} ({checkpoint.path})",
+                    flush=True,
+                )
         bar = tqdm(
             total=cfg.max_iter,
+            initial=result.n_epochs,
             desc=f"{cfg.name}.fit",
             unit="epoch",
             disable=cfg.verbose != 1,
             leave=True,
         )
+        first = cfg.max_iter if result.stopped_early else result.n_epochs
         try:
-            for local_epoch in range(cfg.max_iter):
+            for local_epoch in range(first, cfg.max_iter):
                 self.epoch = start_epoch + local_epoch
                 tic = time.perf_counter()
                 for hook in self.hooks:
@@ -550,6 +670,21 @@ class Engine:
                 best_loss = min(best_loss, monitored)
                 if cfg.early_stopping and no_improve >= cfg.n_iter_no_change:
                     result.stopped_early = True
+                if checkpoint is not None:
+                    progress = {
+                        "start_epoch": start_epoch,
+                        "n_epochs": result.n_epochs,
+                        "best_loss": best_loss,
+                        "best_epoch": best_epoch,
+                        "no_improve": no_improve,
+                        "stopped_early": result.stopped_early,
+                    }
+                    checkpoint.save(
+                        self._state(train, progress),
+                        complete=result.stopped_early
+                        or result.n_epochs == cfg.max_iter,
+                    )
+                if result.stopped_early:
                     break
         except KeyboardInterrupt:
             if result.n_epochs == 0:  # nothing worth keeping: stop as asked
@@ -560,9 +695,14 @@ class Engine:
                 if best_epoch is None
                 else (f"the weights of epoch {best_epoch + 1}")
             )
+            resume = (
+                ""
+                if checkpoint is None
+                else f" Fit again to resume from the checkpoint {checkpoint.path}."
+            )
             warnings.warn(
                 f"{cfg.name}.fit was interrupted after {result.n_epochs} epoch(s); "
-                f"keeping {kept}.",
+                f"keeping {kept}.{resume}",
                 UserWarning,
                 stacklevel=3,
             )

@@ -62,6 +62,7 @@ class DiscriminatorHook(Hook):
         self.optimizer_name = optimizer
         self.learning_rate = learning_rate
         self.optimizer: torch.optim.Optimizer | None = None
+        self._pending: dict | None = None  # optimiser state from a checkpoint
         self._sum = 0.0
         self._count = 0
 
@@ -75,7 +76,25 @@ class DiscriminatorHook(Hook):
             self.optimizer = make_optimizer(
                 self.optimizer_name, params, self.learning_rate
             )
+            if self._pending is not None:  # resumed from a checkpoint
+                self.optimizer.load_state_dict(self._pending)
+                self._pending = None
         self._sum, self._count = 0.0, 0
+
+    def state_dict(self) -> dict:
+        """The discriminator optimiser's state (for checkpoints)."""
+        if self.optimizer is None:
+            return {} if self._pending is None else {"optimizer": self._pending}
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the optimiser state of :meth:`state_dict` (the optimiser
+        itself is built at the first epoch, with the module)."""
+        optimizer_state = state.get("optimizer")
+        if self.optimizer is not None and optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        else:
+            self._pending = optimizer_state
 
     def after_step(
         self, engine: Engine, batch: tuple, outputs: Mapping[str, torch.Tensor]
