@@ -74,6 +74,8 @@ def _to_json(value, where: str):
         return {str(k): _to_json(v, where) for k, v in value.items()}
     if isinstance(value, torch.device):
         return str(value)
+    if isinstance(value, os.PathLike):  # e.g. a pathlib checkpoint_dir
+        return os.fspath(value)
     raise TypeError(
         f"{where} = {value!r} cannot be stored in the safe format (JSON). "
         "Use plain values (an int random_state, a built-in backbone), or "

@@ -54,8 +54,8 @@ class CheckpointError(ValueError):
     >>> try:
     ...     Checkpoint(path, {"n": 1}).read()
     ... except CheckpointError as err:
-    ...     print(str(err)[-60:])
-    is not a neurovae checkpoint. Delete it to start afresh.
+    ...     print(err)  # doctest: +ELLIPSIS
+    /.../model.ckpt is not a neurovae checkpoint. Delete it to start afresh.
     """
 
 
@@ -292,6 +292,7 @@ class Checkpoint:
             written by a run with another fingerprint, or by an unfinished
             run that started elsewhere.
         """
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # fail early
         self._remove_stale_temporaries()
         self.state, self.complete = None, False
         self._expected = _stat_key(self.path)
