@@ -110,8 +110,10 @@ _TRAINING_PARAMETERS = """
         the device index excepted) or other data, or a corrupt one, is an
         error, never loaded: delete the file or use another directory (one
         per fit, e.g. per cross-validation fold). With ``warm_start=True``
-        on a fitted model, the checkpoint tracks the continued training and
-        replaces that of a finished earlier fit. None writes no checkpoint."""
+        on a fitted model, the checkpoint follows the continued training: it
+        replaces the checkpoint of a finished earlier fit (an unfinished one
+        is an error), and a continuation killed midway resumes when the same
+        fitted model is fitted again. None writes no checkpoint."""
 
 _COMMON_PARAMETERS = _NETWORK_PARAMETERS + _TRAINING_PARAMETERS
 

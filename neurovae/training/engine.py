@@ -124,8 +124,7 @@ class Hook:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        """Take back a state returned by :meth:`state_dict` (before the first
-        epoch of a resumed run)."""
+        """Take back a state of :meth:`state_dict`, before a resumed run."""
 
 
 @dataclass
