@@ -73,6 +73,11 @@ from neurovae.training import (
     make_schedule,
     resolve_device,
 )
+from neurovae.training.distributed import (
+    DistributedContext,
+    is_main_process,
+    resolve_distributed,
+)
 from neurovae.training.optim import OPTIMIZERS
 
 _DTYPES = (np.float64, np.float32)
@@ -110,13 +115,17 @@ def _is_directory(value) -> bool:
 
 
 # parameters that cannot change what a fit computes: a checkpoint written
-# under other values of these is resumed (device: its type is compared)
+# under other values of these is resumed (device: its type is compared).
+# distributed: processes share every global batch, and the random draws of
+# each sample do not depend on which process holds it, so the number of
+# processes changes results by float rounding only.
 _NOT_FINGERPRINTED = (
     "verbose",
     "warm_start",
     "checkpoint_dir",
     "num_workers",
     "device",
+    "distributed",
 )
 
 
@@ -177,6 +186,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         "scaling": Options(("auto", "minmax", "zscore", None)),
         "num_workers": Interval(int, 0),
         "checkpoint_dir": Custom(_is_directory, "None or a directory path"),
+        "distributed": Options(("auto", True, False)),
     }
 
     # ------------------------------------------------------------------
@@ -497,14 +507,51 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             for start in range(0, X.shape[0], batch_size):
                 yield X[start : start + batch_size], None
 
-    def _statistics(self, X) -> DataStatistics:
+    def _statistics(self, X, context: DistributedContext | None = None):
         """One pass over ``X``: voxel statistics inside the mask, and the
-        check that streamed images hold no NaN or inf there."""
+        check that streamed images hold no NaN or inf there.
+
+        In distributed training, streamed images are split among the
+        processes, each reading its part only, and the statistics merged."""
+        if context is not None and isinstance(X, ImageCollection):
+            return self._distributed_statistics(X, context)
         stats = DataStatistics()
         mask = getattr(self, "_mask", None)
         for batch, names in self._raw_batches(X):
             stats.update(batch, mask=mask, where=names)
         return stats
+
+    def _distributed_statistics(
+        self, X: ImageCollection, context: DistributedContext
+    ) -> DataStatistics:
+        """:meth:`_statistics` of streamed images, each process reading a
+        contiguous part; an error on any process is raised on all."""
+        bounds = np.linspace(0, X.n_samples, context.world_size + 1).astype(int)
+        lo, hi = bounds[context.rank], bounds[context.rank + 1]
+        part = ImageCollection(X._samples[lo:hi], X.shape, X.affine)
+        error, stats = None, DataStatistics()
+        try:
+            stats = self._statistics(part)
+        except ValueError as exc:
+            error = str(exc)
+        gathered = context.all_gather_object((error, vars(stats)))
+        errors = [e for e, _ in gathered if e is not None]
+        if errors:
+            raise ValueError(errors[0])
+        merged = DataStatistics()
+        for _, other in gathered:  # Chan et al.'s merge, in sample order
+            n = merged.n_values + other["n_values"]
+            if other["n_values"] == 0:
+                continue
+            delta = other["mean"] - merged.mean
+            merged.mean += delta * other["n_values"] / n
+            merged.m2 += (
+                other["m2"] + delta**2 * merged.n_values * other["n_values"] / n
+            )
+            merged.n_values = n
+            merged.min = min(merged.min, other["min"])
+            merged.max = max(merged.max, other["max"])
+        return merged
 
     def _fit_scaling(self, stats: DataStatistics) -> None:
         scaling = self.scaling
@@ -652,12 +699,15 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
         return tuple(t[train_idx] for t in data), tuple(t[val_idx] for t in data)
 
-    def _batches(self, data, device, *, shuffle, seed=None):
+    def _batches(self, data, device, *, shuffle, seed=None, context=None):
         """Engine batches of ``data``: a tuple of tensors (sliced in memory,
         on the GPU when small enough) or a dataset (read by a DataLoader).
 
         With groups, shuffled batches hold ``batch_size`` samples of each
-        group (see :class:`~neurovae.training.TensorBatches`)."""
+        group (see :class:`~neurovae.training.TensorBatches`). With a
+        distributed ``context``, each process iterates over its share of
+        every global batch of ``batch_size``."""
+        shard = None if context is None else (context.rank, context.world_size)
         generator = None
         if shuffle:
             generator = torch.Generator().manual_seed(int(seed))
@@ -681,6 +731,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 num_workers=self.num_workers,
                 collate_fn=collate,
                 groups=groups,
+                shard=shard,
             )
         data = tuple(data)
         if device.type != "cpu" and sum(t.nbytes for t in data) <= _GPU_RESIDENT_BYTES:
@@ -692,6 +743,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             generator=generator,
             device=device,
             groups=groups,
+            shard=shard,
         )
 
     def _targets(self, y, n_samples: int) -> tuple[torch.Tensor, ...]:
@@ -724,7 +776,9 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             params["mask_img"] = None if mask is None else describe(mask)
         return {name: describe(value) for name, value in params.items()}
 
-    def _open_checkpoint(self, X, data, device, warm: bool) -> Checkpoint:
+    def _open_checkpoint(
+        self, X, data, device, warm: bool, writer: bool = True
+    ) -> Checkpoint:
         """The checkpoint of this fit in ``checkpoint_dir``, read: a
         checkpoint of the same run is to be resumed, another one refused."""
         if isinstance(data, Dataset):
@@ -747,7 +801,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         path = os.path.join(
             os.fspath(self.checkpoint_dir), f"{type(self).__name__}.ckpt"
         )
-        checkpoint = Checkpoint(path, fingerprint, start=start)
+        checkpoint = Checkpoint(path, fingerprint, start=start, writer=writer)
         if checkpoint.read() and not warm:
             seed = checkpoint.metadata.get("seed")
             if not (isinstance(seed, int) and not isinstance(seed, bool)):
@@ -792,20 +846,23 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         X = self._check_X(X, reset=not warm)
         if not warm:  # warm starts keep the mask and scaling of the first fit
             self._fit_mask()
-        stats = self._statistics(X)
+        context, device = resolve_distributed(self.distributed, self.device)
+        stats = self._statistics(X, context)
         if not warm:
             self._fit_scaling(stats)
         self._check_data(X, stats)
-        device = resolve_device(self.device)
         data = self._training_data(X, y)
         checkpoint = None
         if self.checkpoint_dir is not None:
-            checkpoint = self._open_checkpoint(X, data, device, warm)
+            writer = context is None or context.is_main
+            checkpoint = self._open_checkpoint(X, data, device, warm, writer)
         if not warm:
             if checkpoint is not None and checkpoint.state is not None:
                 self._seed = checkpoint.metadata["seed"]  # also for None
             else:
                 self._seed = self._draw_seed(self.random_state)
+            if context is not None:  # random_state=None: one seed for all
+                self._seed = context.broadcast_object(self._seed)
             self._fit_dtype = (
                 "float32" if isinstance(X, ImageCollection) else (X.dtype.name)
             )
@@ -817,10 +874,12 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             for v in np.random.SeedSequence([self._seed, n_done]).generate_state(3)
         )
         train_data, val_data = self._split(data, self._seed)
-        train = self._batches(train_data, device, shuffle=True, seed=shuffle_seed)
+        train = self._batches(
+            train_data, device, shuffle=True, seed=shuffle_seed, context=context
+        )
         val = None
         if val_data is not None:
-            val = self._batches(val_data, device, shuffle=False)
+            val = self._batches(val_data, device, shuffle=False, context=context)
         if warm:  # train a copy: a failed or interrupted fit changes nothing
             module = copy.deepcopy(self.module_)
         else:
@@ -836,6 +895,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             device,
             schedules=self._schedules(),
             hooks=self._hooks(),
+            distributed=context,
         )
         history = {k: list(v) for k, v in self.history_.items()} if warm else {}
         result = engine.fit(
@@ -1178,6 +1238,9 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         and fitted attributes; :func:`neurovae.load` reads it with
         ``torch.load(weights_only=True)``, so loading a file runs no code.
 
+        In a script launched by ``torchrun`` (unless ``distributed=False``)
+        only rank 0 writes the file; every rank may call ``save``.
+
         Parameters
         ----------
         path : str or path-like
@@ -1185,7 +1248,12 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         from neurovae.persistence import save
 
-        save(self, path)
+        if is_main_process(self._distributed_param()):
+            save(self, path)
+
+    def _distributed_param(self):
+        """``distributed``, as this estimator's fits resolve it."""
+        return getattr(self, "distributed", "auto")
 
     # ------------------------------------------------------------------
     # tags

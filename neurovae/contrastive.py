@@ -198,6 +198,7 @@ class ContrastiveVAE(BaseVAE):
         scaling="auto",
         num_workers=0,
         checkpoint_dir=None,
+        distributed="auto",
     ):
         self.n_components = n_components
         self.n_salient_components = n_salient_components
@@ -233,6 +234,7 @@ class ContrastiveVAE(BaseVAE):
         self.scaling = scaling
         self.num_workers = num_workers
         self.checkpoint_dir = checkpoint_dir
+        self.distributed = distributed
 
     # ------------------------------------------------------------------
     # the model

@@ -113,7 +113,25 @@ _TRAINING_PARAMETERS = """
         on a fitted model, the checkpoint follows the continued training: it
         replaces the checkpoint of a finished earlier fit (an unfinished one
         is an error), and a continuation killed midway resumes when the same
-        fitted model is fitted again. None writes no checkpoint."""
+        fitted model is fitted again. None writes no checkpoint. In
+        distributed training only rank 0 writes it, and every rank resumes
+        from it.
+    distributed : {"auto", True, False}, default="auto"
+        Train with ``torch`` DistributedDataParallel over the processes of a
+        launch such as ``torchrun --nproc_per_node=N script.py`` (one or
+        many nodes), every process running the same script and ``fit``.
+        ``"auto"`` does so when the script was launched that way (or a
+        ``torch.distributed`` process group of several processes is
+        initialised); True requires it (an error otherwise); False trains
+        in each process on its own. The process group is formed on the
+        first such fit (NCCL on CUDA, one GPU per process, Gloo on the CPU)
+        and kept until the script ends; a group you initialised yourself is
+        used and left alone. ``batch_size`` is the global batch, split
+        among the processes, so results do not depend on their number (up
+        to float rounding); images from files are read only by the process
+        that trains on them. Every process ends ``fit`` with the same
+        weights, so any can ``transform``; only rank 0 prints progress and
+        writes files (checkpoints, :meth:`save`)."""
 
 _COMMON_PARAMETERS = _NETWORK_PARAMETERS + _TRAINING_PARAMETERS
 
@@ -234,6 +252,7 @@ class VAE(BaseVAE):
         scaling="auto",
         num_workers=0,
         checkpoint_dir=None,
+        distributed="auto",
     ):
         self.n_components = n_components
         self.backbone = backbone
@@ -261,6 +280,7 @@ class VAE(BaseVAE):
         self.scaling = scaling
         self.num_workers = num_workers
         self.checkpoint_dir = checkpoint_dir
+        self.distributed = distributed
 
     def _build_module(self, sample_shape, stats) -> VAEModule:
         return self._vae_module(sample_shape, stats)
@@ -370,6 +390,7 @@ class BetaVAE(VAE):
         scaling="auto",
         num_workers=0,
         checkpoint_dir=None,
+        distributed="auto",
     ):
         super().__init__(
             n_components,
@@ -398,6 +419,7 @@ class BetaVAE(VAE):
             scaling=scaling,
             num_workers=num_workers,
             checkpoint_dir=checkpoint_dir,
+            distributed=distributed,
         )
         self.beta_schedule = beta_schedule
         self.warmup_iter = warmup_iter

@@ -487,6 +487,7 @@ class VeryDeepVAE(BaseVAE):
         scaling="auto",
         num_workers=0,
         checkpoint_dir=None,
+        distributed="auto",
     ):
         self.channels = channels
         self.channels_hidden = channels_hidden
@@ -521,6 +522,7 @@ class VeryDeepVAE(BaseVAE):
         self.scaling = scaling
         self.num_workers = num_workers
         self.checkpoint_dir = checkpoint_dir
+        self.distributed = distributed
 
     # ------------------------------------------------------------------
     # the configuration

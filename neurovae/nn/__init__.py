@@ -24,6 +24,7 @@ from neurovae.nn.likelihoods import (
     LaplaceLikelihood,
     make_likelihood,
 )
+from neurovae.nn.noise import batch_shard, standard_normal
 from neurovae.nn.vae import VAEModule
 from neurovae.nn.very_deep import (
     BottleneckBlock3d,
@@ -49,10 +50,12 @@ __all__ = [
     "TopDownBlock3d",
     "VAEModule",
     "VeryDeepVAEModule",
+    "batch_shard",
     "dry_run",
     "infer_output_size",
     "make_backbone",
     "kl_diagonal_gaussians",
     "kl_standard_normal",
     "make_likelihood",
+    "standard_normal",
 ]

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from neurovae.nn.latent import GaussianLatent, kl_standard_normal
+from neurovae.nn.noise import standard_normal
 
 
 class PairDiscriminator(nn.Module):
@@ -209,7 +210,7 @@ class ContrastiveVAEModule(nn.Module):
         if eps is not None:
             return eps
         if self.training:
-            return torch.randn(
+            return standard_normal(
                 mu.shape, generator=self.generator, device=mu.device, dtype=mu.dtype
             )
         return self.eval_noise.to(mu.dtype).expand_as(mu)
@@ -260,9 +261,9 @@ class ContrastiveVAEModule(nn.Module):
         out = {"loss": objective, "recon": recon, "kl": kl}
         if self.discriminator is not None:
             s, z = code[target, self.n_shared :], code[target, : self.n_shared]
-            if len(s) >= 2:
+            if len(s) >= 1:
                 tc = self.discriminator(s.float(), z.float()).mean()
-            else:  # one target sample has no pairs to compare
+            else:  # no target sample in the batch
                 tc = code.new_zeros((), dtype=torch.float32)
             out["loss"] = objective + self.gamma * tc
             out["tc"] = tc

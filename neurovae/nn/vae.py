@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from neurovae.nn.latent import GaussianLatent, kl_standard_normal
+from neurovae.nn.noise import standard_normal
 
 
 class VAEModule(nn.Module):
@@ -110,7 +111,7 @@ class VAEModule(nn.Module):
         mu, logvar = self.encode(x)
         if eps is None:
             if self.training:
-                eps = torch.randn(
+                eps = standard_normal(
                     mu.shape, generator=self.generator, device=mu.device, dtype=mu.dtype
                 )
             else:

@@ -2,14 +2,21 @@
 
 Minibatches with a seeded shuffle, optimisers, loss-weight schedules, early
 stopping with best-weight restoration, non-finite step skipping, gradient
-clipping, mixed precision, progress reporting and checkpoints to resume from.
+clipping, mixed precision, progress reporting, checkpoints to resume from, and
+distributed training over ``torchrun`` processes (DDP).
 Models plug in through the ``module(batch) -> dict of losses`` protocol and
 :class:`Hook` objects.
 """
 
 from neurovae.training.checkpoint import Checkpoint, CheckpointError
-from neurovae.training.data import DatasetBatches, TensorBatches
+from neurovae.training.data import DatasetBatches, Shard, TensorBatches
 from neurovae.training.device import PRECISIONS, autocast, local_rng, resolve_device
+from neurovae.training.distributed import (
+    DistributedContext,
+    is_main_process,
+    launched,
+    resolve_distributed,
+)
 from neurovae.training.engine import (
     DivergenceError,
     Engine,
@@ -36,6 +43,7 @@ __all__ = [
     "Cyclical",
     "DatasetBatches",
     "DiscriminatorHook",
+    "DistributedContext",
     "DivergenceError",
     "Engine",
     "EngineConfig",
@@ -43,10 +51,14 @@ __all__ = [
     "Hook",
     "Linear",
     "Schedule",
+    "Shard",
     "TensorBatches",
     "autocast",
+    "is_main_process",
+    "launched",
     "local_rng",
     "make_optimizer",
     "make_schedule",
     "resolve_device",
+    "resolve_distributed",
 ]

@@ -161,6 +161,13 @@ class Checkpoint:
     metadata : dict, optional
         JSON-serialisable values stored with the state for the caller (e.g.
         a random seed); after :meth:`read` resumes, those of the file.
+    writer : bool, default=True
+        Whether this process writes the file. In distributed training every
+        process reads the checkpoint but only rank 0 writes it; the others
+        pass False, and then neither :meth:`save` nor :meth:`read` changes
+        anything on disk (:meth:`read` of a writer deletes the temporary
+        files of killed writers, which on a shared file system a process of
+        another node cannot tell from those of a live one).
 
     Attributes
     ----------
@@ -206,8 +213,10 @@ class Checkpoint:
         *,
         start: dict | None = None,
         metadata: dict | None = None,
+        writer: bool = True,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
+        self.writer = bool(writer)
         self.fingerprint = self._json(fingerprint, "fingerprint")
         self.start = self._json(start or {}, "start")
         self.metadata = dict(metadata or {})
@@ -293,7 +302,8 @@ class Checkpoint:
             run that started elsewhere.
         """
         os.makedirs(os.path.dirname(self.path), exist_ok=True)  # fail early
-        self._remove_stale_temporaries()
+        if self.writer:
+            self._remove_stale_temporaries()
         self.state, self.complete = None, False
         self._expected = _stat_key(self.path)
         if self._expected is None:
@@ -359,6 +369,8 @@ class Checkpoint:
     def save(self, state: dict, *, complete: bool) -> None:
         """Write ``state`` atomically (temporary file, fsync, rename).
 
+        Does nothing when :attr:`writer` is False.
+
         Parameters
         ----------
         state : dict
@@ -373,6 +385,8 @@ class Checkpoint:
             If the file changed since this run last read or wrote it: another
             process is writing checkpoints to the same path.
         """
+        if not self.writer:
+            return
         if _stat_key(self.path) != self._expected:
             raise CheckpointError(
                 f"{self.path} was replaced by another process during this fit: "

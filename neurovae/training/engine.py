@@ -20,9 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from neurovae.nn.noise import batch_shard
 from neurovae.training.checkpoint import Checkpoint, CheckpointError
 from neurovae.training.data import DatasetBatches, TensorBatches
 from neurovae.training.device import autocast
+from neurovae.training.distributed import DistributedContext
 from neurovae.training.optim import make_optimizer
 from neurovae.training.schedules import Schedule
 
@@ -65,6 +67,12 @@ class Hook:
     Every method receives the running :class:`Engine`, which gives access to
     ``module``, ``optimizer``, ``device``, ``epoch`` (0-based) and
     ``history``. The base methods do nothing.
+
+    In distributed training every process runs the hooks on its own share
+    of the batch (``engine.shard``, a :class:`~neurovae.training.data.Shard`,
+    says which); a hook whose result must be the same on every process
+    reduces over ``engine.distributed`` itself (see
+    :class:`~neurovae.training.DiscriminatorHook`).
 
     Examples
     --------
@@ -278,6 +286,20 @@ class Engine:
         (in epochs), e.g. ``{"beta": Linear(4.0, warmup_iter=10)}``.
     hooks : sequence of Hook, optional
         Model-specific steps plugged into the loop.
+    distributed : DistributedContext, optional
+        Train over a ``torch.distributed`` process group (see
+        :func:`~neurovae.training.resolve_distributed`): every process runs
+        the engine with the same module, seeds and *global* batches, built
+        with ``shard=(rank, world_size)`` so that each iterates over its
+        share. Gradients are averaged by
+        :class:`~torch.nn.parallel.DistributedDataParallel` (each share's
+        loss weighted by its size, so that a step follows the mean loss of
+        the global batch however unevenly it splits); logged figures,
+        validation losses and every decision (skipping a step, early
+        stopping) come from figures reduced over all processes, so all
+        processes take the same decisions and end with the same weights.
+        Only rank 0 prints and writes checkpoints. The engine's ``module``
+        stays the plain module.
 
     Examples
     --------
@@ -304,18 +326,24 @@ class Engine:
         device: torch.device,
         schedules: Mapping[str, Schedule] | None = None,
         hooks: Sequence[Hook] = (),
+        distributed: DistributedContext | None = None,
     ) -> None:
         self.module = module
         self.config = config
         self.device = device
         self.schedules = dict(schedules or {})
         self.hooks = list(hooks)
+        self.distributed = distributed
+        self.shard = None  # this process's share of the current batch
         self.epoch = 0
         self.history: dict[str, list] = {}
         owned = {id(p) for hook in self.hooks for p in hook.owned_parameters(module)}
         self._params = [
             p for p in module.parameters() if p.requires_grad and id(p) not in owned
         ]
+        self._ddp = None
+        if distributed is not None:  # first: all processes start from rank 0's
+            self._ddp = distributed.wrap(module, self._params, device)
         self.optimizer = make_optimizer(
             config.optimizer,
             self._params,
@@ -389,6 +417,8 @@ class Engine:
         Scheduled weights are set to their final values, so that the losses of
         different epochs measure one objective.
         """
+        if self.distributed is not None:
+            return self._evaluate_distributed(batches)
         was_training = self.module.training
         self.module.eval()
         self._set_schedules(None)
@@ -408,6 +438,30 @@ class Engine:
             self.module.train(was_training)
         return {key: value / n_seen for key, value in sums.items()}
 
+    def _evaluate_distributed(self, batches: Batches) -> dict[str, float]:
+        """:meth:`evaluate` over every process's share, summed over all."""
+        was_training = self.module.training
+        self.module.eval()
+        self._set_schedules(None)
+        total, keys = None, None
+        try:
+            with self.averaged_weights():
+                for batch, shard in zip(batches, batches.shards()):
+                    with autocast(self.device, self.config.precision):
+                        out = self.module(batch)
+                    values = torch.stack([v.detach().double() for v in out.values()])
+                    if shard.n_local == 0:  # a stand-in sample: weight 0
+                        values = torch.zeros_like(values)
+                    values = values * shard.n_local
+                    total = values if total is None else total + values
+                    keys = list(out)
+        finally:
+            self.module.train(was_training)
+        n_seen = sum(shard.n_local for shard in batches.shards())
+        packed = torch.cat([total, total.new_tensor([n_seen])])
+        packed = self.distributed.all_reduce(packed).tolist()
+        return {key: value / packed[-1] for key, value in zip(keys, packed)}
+
     def _train_epoch(self, batches: Batches) -> dict[str, float]:
         cfg = self.config
         module, optimizer, params = self.module, self.optimizer, self._params
@@ -415,13 +469,30 @@ class Engine:
         sums: dict[str, float] = {}
         n_seen = n_skipped = n_large = consecutive = 0
         n_batches = len(batches)
+        shards = None if self.distributed is None else batches.shards()
+        if self._ddp is not None:
+            self._ddp.train()
         for i, batch in enumerate(batches):
             if self.schedules:
                 self._set_schedules(self.epoch + i / n_batches)
-            with autocast(self.device, cfg.precision):
-                out = module(batch)
+            if shards is None:
+                with autocast(self.device, cfg.precision):
+                    out = module(batch)
+                loss = out["loss"]
+            else:
+                self.shard = shard = shards[i]
+                with (
+                    batch_shard(shard.positions, shard.n_global),
+                    autocast(self.device, cfg.precision),
+                ):
+                    out = self._ddp(batch)
+                # DDP averages gradients over the processes: weighting each
+                # share's mean loss by its size times their number makes the
+                # step follow the mean loss of the whole global batch.
+                weight = shard.n_local * self.distributed.world_size / shard.n_global
+                loss = out["loss"] * weight
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            loss.backward()
             values = torch.stack([v.detach().float() for v in out.values()])
             measure = cfg.max_grad_norm is not None or cfg.skip_threshold is not None
             if measure:
@@ -433,6 +504,8 @@ class Engine:
                 clip = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
                 norm = nn.utils.clip_grad_norm_(params, clip)
                 values = torch.cat([values, norm.float().reshape(1)])
+            if shards is not None:
+                values = self._reduce_step(values, shards[i], measure)
             values = values.tolist()  # the one device sync of the step
             norm = values.pop() if measure else 0.0
             terms = dict(zip(out, values))
@@ -459,10 +532,11 @@ class Engine:
                 self._update_ema()
             for hook in self.hooks:
                 hook.after_step(self, batch, out)
-            n = batch[0].shape[0]
+            n = batch[0].shape[0] if shards is None else shards[i].n_global
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value * n
             n_seen += n
+        self.shard = None
         if n_seen == 0:
             raise self._divergence(
                 f"every step of epoch {self.epoch + 1} {self._skip_reason()}"
@@ -473,6 +547,26 @@ class Engine:
             logs["n_skipped_large"] = n_large
         return logs
 
+    def _reduce_step(self, values: torch.Tensor, shard, measure: bool) -> torch.Tensor:
+        """The step's figures over all processes: each loss term's mean over
+        the global batch, then (when ``measure``) the gradient norm, computed
+        by each process on the already averaged gradients and averaged too,
+        so that every process takes the same skip decision. A non-finite
+        loss on any process (a stand-in sample's included) makes the loss
+        non-finite everywhere."""
+        k = len(values) - int(measure)
+        terms = values[:k].double()
+        bad = (~torch.isfinite(terms)).any().double().reshape(1)
+        terms = terms * shard.n_local if shard.n_local else torch.zeros_like(terms)
+        parts = [terms, bad]
+        if measure:
+            parts.append(values[k:].double() / self.distributed.world_size)
+        packed = self.distributed.all_reduce(torch.cat(parts))
+        terms = packed[:k] / shard.n_global
+        if packed[k] > 0:
+            terms[0] = math.nan
+        return torch.cat([terms, packed[k + 1 :]])
+
     def _skip_reason(self) -> str:
         if self.config.skip_threshold is None:
             return "had a non-finite loss or gradient"
@@ -481,7 +575,14 @@ class Engine:
             f"skip_threshold={self.config.skip_threshold:g}"
         )
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process prints and writes (rank 0, or not distributed)."""
+        return self.distributed is None or self.distributed.is_main
+
     def _report(self, logs: dict[str, float], total: int, bar) -> None:
+        if not self.is_main:
+            return
         hidden = ("time", "n_skipped", "n_skipped_large")
         shown = {k: v for k, v in logs.items() if k not in hidden}
         if self.config.verbose == 1:
@@ -566,6 +667,51 @@ class Engine:
         self.history = state["history"]
         return progress
 
+    def _save_checkpoint(
+        self, checkpoint: Checkpoint, train: Batches, progress: dict, complete: bool
+    ) -> None:
+        """Write the checkpoint (rank 0 only when distributed; the others
+        learn whether it worked, so that all stop together if not)."""
+        if self.distributed is None:
+            checkpoint.save(self._state(train, progress), complete=complete)
+            return
+        error = None
+        if self.is_main:
+            try:
+                checkpoint.save(self._state(train, progress), complete=complete)
+            except (OSError, CheckpointError) as exc:
+                error = exc
+        message = self.distributed.broadcast_object(
+            None if error is None else f"{type(error).__name__}: {error}"
+        )
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(
+                f"rank 0 could not write the checkpoint {checkpoint.path} ({message})"
+            )
+
+    def _check_same_checkpoint(self, checkpoint: Checkpoint, result) -> None:
+        """Stop every process unless all resume from the same checkpoint."""
+        mine = (result.n_resumed, bool(checkpoint.complete), self._digest())
+        seen = self.distributed.all_gather_object(mine)
+        if any(other != seen[0] for other in seen):
+            raise CheckpointError(
+                f"the processes of this distributed fit read different "
+                f"checkpoints at {checkpoint.path} (epochs resumed by rank: "
+                f"{[other[0] for other in seen]}); is the file on a shared "
+                "file system that every node sees alike? Delete it to start "
+                "afresh."
+            )
+
+    def _digest(self) -> float:
+        """A cheap fingerprint of the weights (to compare processes)."""
+        with torch.no_grad():
+            state = self.module.state_dict().values()
+            return float(
+                sum(t.cpu().double().sum() for t in state if t.is_floating_point())
+            )
+
     # -- main loop -------------------------------------------------------
     def fit(
         self,
@@ -593,7 +739,11 @@ class Engine:
             :meth:`~Checkpoint.read` found a checkpoint of this run, the
             run first restores that state (weights, optimiser, hooks, random
             generators, early-stopping state, moving average, history) and
-            continues from it; a finished one trains no further.
+            continues from it; a finished one trains no further. In
+            distributed training every process reads the file and only rank
+            0 writes it; processes that read different checkpoints (e.g. a
+            file not yet visible on another node) stop with a
+            :class:`CheckpointError` rather than train apart.
 
         Returns
         -------
@@ -621,19 +771,21 @@ class Engine:
                 stopped_early=progress["stopped_early"],
                 n_resumed=progress["n_epochs"],
             )
-            if cfg.verbose >= 2:
+            if cfg.verbose >= 2 and self.is_main:
                 what = "a finished run" if checkpoint.complete else "a checkpoint"
                 print(
                     f"[{cfg.name}.fit] resuming {what} at epoch "
                     f"{start_epoch + result.n_epochs}/{total} ({checkpoint.path})",
                     flush=True,
                 )
+        if self.distributed is not None and checkpoint is not None:
+            self._check_same_checkpoint(checkpoint, result)
         bar = tqdm(
             total=cfg.max_iter,
             initial=result.n_epochs,
             desc=f"{cfg.name}.fit",
             unit="epoch",
-            disable=cfg.verbose != 1,
+            disable=cfg.verbose != 1 or not self.is_main,
             leave=True,
         )
         first = cfg.max_iter if result.stopped_early else result.n_epochs
@@ -678,8 +830,10 @@ class Engine:
                         "no_improve": no_improve,
                         "stopped_early": result.stopped_early,
                     }
-                    checkpoint.save(
-                        self._state(train, progress),
+                    self._save_checkpoint(
+                        checkpoint,
+                        train,
+                        progress,
                         complete=result.stopped_early
                         or result.n_epochs == cfg.max_iter,
                     )

@@ -25,6 +25,15 @@ class DiscriminatorHook(Hook):
     that loss sees detached codes, none of its gradient reaches the encoders.
     The mean loss of each epoch is logged as ``discriminator``.
 
+    In distributed training the discriminator trains on the codes of the
+    whole global batch: the hook gathers ``module.last_codes`` (the tuple of
+    per-sample tensors the step stashed for ``discriminator_loss()``) from
+    every process, in rank order, which is their order in the batch. Every
+    process then computes the same loss with the same random draws and takes
+    the same step; the discriminator's gradients (and the loss, on which the
+    step depends) are moreover broadcast from rank 0 before the step, so its
+    weights cannot drift apart across processes.
+
     Parameters
     ----------
     optimizer : str, default="adam"
@@ -99,17 +108,45 @@ class DiscriminatorHook(Hook):
     def after_step(
         self, engine: Engine, batch: tuple, outputs: Mapping[str, torch.Tensor]
     ) -> None:
+        if engine.distributed is not None:
+            self._gather_codes(engine)
         loss = engine.module.discriminator_loss()
         if loss is None:
             return
         self.optimizer.zero_grad(set_to_none=True)  # drops the model's gradients
         loss.backward()
+        if engine.distributed is not None:
+            loss = self._synchronise(engine, loss)
         value = float(loss.detach())
         if math.isfinite(value):  # a non-finite loss never reaches the weights
             self.optimizer.step()
             self._sum += value
             self._count += 1
         self.optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def _gather_codes(engine: Engine) -> None:
+        """Replace the module's stashed codes by those of every process."""
+        module = engine.module
+        codes = getattr(module, "last_codes", None)
+        if codes is None:
+            return
+        if engine.shard is not None and engine.shard.n_local == 0:
+            codes = tuple(c[:0] for c in codes)  # a stand-in sample: none
+        module.last_codes = tuple(engine.distributed.all_gather_rows(c) for c in codes)
+
+    def _synchronise(self, engine: Engine, loss: torch.Tensor) -> torch.Tensor:
+        """Rank 0's discriminator gradients and loss, on every process."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = torch.cat([loss.detach().reshape(1), *(g.reshape(-1) for g in grads)])
+        flat = engine.distributed.broadcast(flat)
+        offset = 1
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+        return flat[0]
 
     def on_epoch_end(self, engine: Engine, logs: dict[str, float]) -> None:
         logs["discriminator"] = self._sum / self._count if self._count else float("nan")
