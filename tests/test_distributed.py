@@ -77,7 +77,7 @@ def test_shares_make_up_the_global_batches(world_size, grouped):
             seen[shard.positions] = True
         assert seen.all() and torch.equal(got, batch)
     if grouped:  # every rank holds the same share of each group
-        for i, batch in enumerate(whole):
+        for i in range(len(whole)):
             for r in range(world_size):
                 local = per_rank[r][i][0]
                 if shards[r][i].n_local:
@@ -373,9 +373,7 @@ def test_torchrun_smoke(tmp_path):
         str(script),
         str(tmp_path),
     ]
-    done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=240
-    )
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
     assert sorted(line["rank"] for line in lines) == [0, 1]
