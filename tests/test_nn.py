@@ -358,6 +358,14 @@ def test_contrastive_loss_terms_and_detached_codes():
     trained = {n for n, p in module.named_parameters() if p.grad is not None}
     assert trained and all(n.startswith("discriminator.") for n in trained)
     assert module.discriminator_loss() is None  # the codes are used once
-    # fewer than two target samples: no pairs to compare
-    out = _contrastive().train().loss((x, torch.tensor([True] + [False] * 7)))
+    # one target sample: its pair's logit is the estimate (a batch's tc is
+    # then the same however it is split among processes), but there are no
+    # pairs to permute, so the discriminator does not train on it
+    module = _contrastive().train()
+    out = module.loss((x, torch.tensor([True] + [False] * 7)))
+    s, z = module.last_codes
+    assert torch.equal(out["tc"], module.discriminator(s, z).mean())
+    assert module.discriminator_loss() is None
+    # no target sample: no term
+    out = _contrastive().train().loss((x, torch.zeros(8, dtype=torch.bool)))
     assert out["tc"] == 0
