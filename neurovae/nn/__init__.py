@@ -24,6 +24,7 @@ from neurovae.nn.likelihoods import (
     LaplaceLikelihood,
     make_likelihood,
 )
+from neurovae.nn.recurrent import RecurrentVAEModule, solve_transition
 from neurovae.nn.vae import VAEModule
 from neurovae.nn.very_deep import (
     BottleneckBlock3d,
@@ -46,6 +47,7 @@ __all__ = [
     "ResNetDecoder3d",
     "ResNetEncoder3d",
     "PairDiscriminator",
+    "RecurrentVAEModule",
     "TopDownBlock3d",
     "VAEModule",
     "VeryDeepVAEModule",
@@ -55,4 +57,5 @@ __all__ = [
     "kl_diagonal_gaussians",
     "kl_standard_normal",
     "make_likelihood",
+    "solve_transition",
 ]
