@@ -6,7 +6,8 @@ What turns images into the arrays and tensors the models see, and back:
   the 4th axis, a list of 3-D images, or paths to ``.nii`` / ``.nii.gz``
   files), checks that every image shares one grid (shape and affine) and
   returns an :class:`ImageCollection` that loads samples on demand: images
-  that live on disk are read lazily, a few at a time.
+  that live on disk are read lazily, a few at a time. :func:`check_runs`
+  does the same for sequences (a list of 4-D images, one run each).
 - :class:`VolumeDataset` is the ``torch`` dataset over such a collection, read
   by a ``DataLoader`` (with worker processes) when a study does not fit in
   memory.
