@@ -138,7 +138,7 @@ def spectral_radius(transition: torch.Tensor) -> float:
     --------
     >>> import torch
     >>> from neurovae.nn.recurrent import spectral_radius
-    >>> spectral_radius(torch.tensor([[0.0, -0.5], [0.5, 0.0]]))
+    >>> round(spectral_radius(torch.tensor([[0.0, -0.5], [0.5, 0.0]])), 6)
     0.5
     """
     eig = torch.linalg.eigvals(transition.detach().double().cpu())
