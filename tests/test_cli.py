@@ -336,7 +336,7 @@ def test_transform_4d_file_has_volume_column(fitted, data, capsys):
         ('{"params": {}}', "no 'estimator' key"),
         (
             '{"estimator": "PCA"}',
-            "BetaVAE, ContrastiveVAE, RecurrentVAE, VAE, VeryDeepVAE",
+            "BetaVAE, ContrastiveVAE, VAE, VeryDeepVAE",
         ),
         ('{"estimator": ["VAE"]}', "unknown estimator ['VAE']"),
         ('{"estimator": "VAE", "params": [1]}', "'params' must be a JSON object"),
