@@ -3,6 +3,7 @@
 from neurovae._version import __version__
 from neurovae.contrastive import ContrastiveVAE
 from neurovae.persistence import load
+from neurovae.recurrent import RecurrentVAE
 from neurovae.vae import VAE, BetaVAE
 from neurovae.very_deep import VeryDeepVAE
 
@@ -10,6 +11,7 @@ __all__ = [
     "VAE",
     "BetaVAE",
     "ContrastiveVAE",
+    "RecurrentVAE",
     "VeryDeepVAE",
     "__version__",
     "load",

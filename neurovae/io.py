@@ -6,7 +6,8 @@ What turns images into the arrays and tensors the models see, and back:
   the 4th axis, a list of 3-D images, or paths to ``.nii`` / ``.nii.gz``
   files), checks that every image shares one grid (shape and affine) and
   returns an :class:`ImageCollection` that loads samples on demand: images
-  that live on disk are read lazily, a few at a time.
+  that live on disk are read lazily, a few at a time. :func:`check_runs`
+  does the same for sequences (a list of 4-D images, one run each).
 - :class:`VolumeDataset` is the ``torch`` dataset over such a collection, read
   by a ``DataLoader`` (with worker processes) when a study does not fit in
   memory.
@@ -219,6 +220,7 @@ def check_niimgs(
     affine: np.ndarray | None = None,
     name: str = "X",
     allow_single: bool = False,
+    reference: str = "the model's training grid",
 ) -> ImageCollection:
     """Check Niimg-like input and return its samples as a lazy collection.
 
@@ -236,6 +238,8 @@ def check_niimgs(
     allow_single : bool, default=False
         Accept a single 3-D image as one sample (estimators refuse it, so that
         a 3-D image passed by mistake for a 4-D one is not one sample).
+    reference : str, default="the model's training grid"
+        What ``shape`` / ``affine`` come from, in error messages.
 
     Returns
     -------
@@ -303,7 +307,7 @@ def check_niimgs(
         )
     first = samples[0]
     first_name = first.where.split(", volume")[0]
-    shape_ref = affine_ref = "the model's training grid"
+    shape_ref = affine_ref = reference
     if shape is None:
         shape, shape_ref = first.image.shape[:3], first_name
     if affine is None:
@@ -328,6 +332,84 @@ def check_niimgs(
                 affine_ref,
             )
     return ImageCollection(samples, shape, affine)
+
+
+def check_runs(
+    X,
+    *,
+    shape: tuple[int, ...] | None = None,
+    affine: np.ndarray | None = None,
+    name: str = "X",
+) -> list[ImageCollection]:
+    """Check Niimg-like sequences (runs) and return one collection per run.
+
+    The sequence-aware counterpart of :func:`check_niimgs`, which checks each
+    run: a list of 4-D images or paths, one run each, time along the 4th
+    axis, all on one grid.
+
+    Parameters
+    ----------
+    X : list of Niimg-like
+        4-D images or paths to 4-D NIfTI files, one per run.
+    shape, affine : optional
+        The grid every run must be on (e.g. a fitted model's). By default the
+        first run sets the grid.
+    name : str, default="X"
+        The argument's name in error messages.
+
+    Returns
+    -------
+    list of ImageCollection
+        The frames of each run (data on disk is not read yet).
+
+    Raises
+    ------
+    ValueError
+        For a single image (pass a list), an empty list, a 3-D image where a
+        run is needed, unreadable files, or runs on another grid than the
+        first (or than ``shape`` / ``affine``); the message names the first
+        bad run.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> from neurovae.io import check_runs
+    >>> runs = [nib.Nifti1Image(np.zeros((4, 4, 4, t), np.float32), np.eye(4))
+    ...         for t in (5, 3)]
+    >>> [run.n_samples for run in check_runs(runs)]
+    [5, 3]
+    >>> check_runs(runs + [nib.Nifti1Image(np.zeros((4, 4, 4)), np.eye(4))])
+    Traceback (most recent call last):
+    ...
+    ValueError: X[2] is a 3-D image of shape (4, 4, 4); a run is a 4-D image ...
+    """
+    if not isinstance(X, (list, tuple)):
+        raise ValueError(
+            f"{name} must be a list of 4-D images or paths, one per run (time "
+            f"along the 4th axis); got a single {type(X).__name__}. Pass [img] "
+            "for one run."
+        )
+    if len(X) == 0:
+        raise ValueError(f"{name} is an empty list; it must hold runs.")
+    runs: list[ImageCollection] = []
+    reference = "the model's training grid"
+    for i, item in enumerate(X):
+        where = _describe(item, f"{name}[{i}]")
+        img = _load(item, where)
+        if len(img.shape) != 4:
+            raise ValueError(
+                f"{where} is a {len(img.shape)}-D image of shape "
+                f"{tuple(img.shape)}; a run is a 4-D image (time along the 4th "
+                "axis). Pass one 4-D image per run."
+            )
+        run = check_niimgs(
+            img, shape=shape, affine=affine, name=where, reference=reference
+        )
+        if shape is None:
+            shape, affine = run.shape, run.affine
+            reference = where
+        runs.append(run)
+    return runs
 
 
 def load_volumes(

@@ -53,6 +53,8 @@ _FITTED = (
     "intensity_offset_",
     "intensity_scale_",
     "config_params_",
+    "n_sequences_",  # RecurrentVAE: training runs (the subject table's size)
+    "n_timepoints_",  # RecurrentVAE: the longest training run
 )
 
 
@@ -121,6 +123,9 @@ def _check_fitted_values(fitted: dict) -> None:
         and all(isinstance(n, str) for n in names)
     ):
         raise ValueError("feature_names_in_ must be one string per feature")
+    for key in ("n_sequences_", "n_timepoints_"):
+        if key in fitted and not _is_int(fitted[key], 1):
+            raise ValueError(f"{key} must be a positive int")
     best = fitted.get("best_epoch_")
     if best is not None and not _is_int(best):
         raise ValueError("best_epoch_ must be a non-negative int or None")

@@ -16,7 +16,7 @@ import torch
 from sklearn.base import clone
 from torch import nn
 
-from neurovae import VAE, BetaVAE, ContrastiveVAE, VeryDeepVAE, load
+from neurovae import VAE, BetaVAE, ContrastiveVAE, RecurrentVAE, VeryDeepVAE, load
 from neurovae._fingerprint import data_digest
 from neurovae.io import check_niimgs
 from neurovae.training import (
@@ -353,6 +353,11 @@ CASES = {
         ContrastiveVAE,
         dict(MLP, random_state=0, n_salient_components=2, batch_size=8),
     ),
+    # the closed-form transition is solved by a hook after every epoch
+    "RecurrentVAE-table": (
+        RecurrentVAE,
+        dict(MLP, random_state=0, batch_size=3, subject_effects="table"),
+    ),
     "VeryDeepVAE-ema": (
         VeryDeepVAE,
         dict(VERY_DEEP, random_state=0, ema_decay=0.9, skip_threshold=1e6),
@@ -365,6 +370,8 @@ def fit_args(cls, flat, vols):
         return (vols,)
     if cls is ContrastiveVAE:
         return flat, np.arange(len(flat)) % 3 == 0
+    if cls is RecurrentVAE:
+        return (flat.reshape(8, 8, 20),)  # 8 runs of 8 time points
     return (flat,)
 
 
@@ -510,7 +517,7 @@ def test_warm_start_continues_and_resumes(flat, tmp_path, monkeypatch):
 
 
 def test_every_estimator_has_the_parameter(tmp_path):
-    for cls in (VAE, BetaVAE, ContrastiveVAE, VeryDeepVAE):
+    for cls in (VAE, BetaVAE, ContrastiveVAE, RecurrentVAE, VeryDeepVAE):
         est = cls(checkpoint_dir=tmp_path)
         assert est.get_params()["checkpoint_dir"] == tmp_path
         assert clone(est).checkpoint_dir == tmp_path

@@ -337,7 +337,10 @@ def test_transform_4d_file_has_volume_column(fitted, data, capsys):
         ("[1, 2]", "must be a JSON object"),
         ('{"estimator": "VAE", "mask": "m.nii"}', "unknown key 'mask'"),
         ('{"params": {}}', "no 'estimator' key"),
-        ('{"estimator": "PCA"}', "BetaVAE, ContrastiveVAE, VAE, VeryDeepVAE"),
+        (
+            '{"estimator": "PCA"}',
+            "BetaVAE, ContrastiveVAE, VAE, VeryDeepVAE",
+        ),
         ('{"estimator": ["VAE"]}', "unknown estimator ['VAE']"),
         ('{"estimator": "VAE", "params": [1]}', "'params' must be a JSON object"),
         ('{"estimator": "VAE", "params": {"n_component": 2}}', "'n_components'?"),

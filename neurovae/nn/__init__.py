@@ -25,6 +25,7 @@ from neurovae.nn.likelihoods import (
     make_likelihood,
 )
 from neurovae.nn.noise import batch_shard, standard_normal
+from neurovae.nn.recurrent import RecurrentVAEModule, solve_transition
 from neurovae.nn.vae import VAEModule
 from neurovae.nn.very_deep import (
     BottleneckBlock3d,
@@ -47,6 +48,7 @@ __all__ = [
     "ResNetDecoder3d",
     "ResNetEncoder3d",
     "PairDiscriminator",
+    "RecurrentVAEModule",
     "TopDownBlock3d",
     "VAEModule",
     "VeryDeepVAEModule",
@@ -58,4 +60,5 @@ __all__ = [
     "kl_standard_normal",
     "make_likelihood",
     "standard_normal",
+    "solve_transition",
 ]

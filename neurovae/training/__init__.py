@@ -24,7 +24,7 @@ from neurovae.training.engine import (
     EngineResult,
     Hook,
 )
-from neurovae.training.hooks import DiscriminatorHook
+from neurovae.training.hooks import ClosedFormHook, DiscriminatorHook
 from neurovae.training.optim import OPTIMIZERS, make_optimizer
 from neurovae.training.schedules import (
     Constant,
@@ -39,6 +39,7 @@ __all__ = [
     "PRECISIONS",
     "Checkpoint",
     "CheckpointError",
+    "ClosedFormHook",
     "Constant",
     "Cyclical",
     "DatasetBatches",

@@ -150,3 +150,70 @@ class DiscriminatorHook(Hook):
 
     def on_epoch_end(self, engine: Engine, logs: dict[str, float]) -> None:
         logs["discriminator"] = self._sum / self._count if self._count else float("nan")
+
+
+class ClosedFormHook(Hook):
+    """Update part of a model in closed form after every epoch.
+
+    For alternating optimisation, such as the linear transition of the
+    recurrent VAE solved by ridge regression on the latent trajectories.
+    After every training step that was taken, the hook adds up the tensors
+    the module left in ``module.step_statistics`` (a dict of detached
+    tensors, e.g. ``X^T X``, ``X^T Y`` and a count, or None); at the end of
+    the epoch (after validation) it passes their sums to
+    ``module.closed_form_update(sums)``, which updates the module and returns
+    a dict of floats that are logged in the history. Sums are kept in
+    float64; under ``torch.distributed`` they are summed over all processes
+    first, so every process solves the same update.
+
+    Examples
+    --------
+    A model whose parameter ``w`` is fitted by gradient steps and whose
+    buffer ``mean`` is set in closed form to the mean of the data seen:
+
+    >>> import torch
+    >>> from neurovae.training import ClosedFormHook, Engine, EngineConfig
+    >>> from neurovae.training import TensorBatches
+    >>> class Model(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(1))
+    ...         self.register_buffer("mean", torch.zeros(()))
+    ...     def forward(self, batch):
+    ...         x = batch[0]
+    ...         self.step_statistics = {"sum": x.sum(), "count": torch.tensor(len(x))}
+    ...         return {"loss": ((x - self.w) ** 2).mean()}
+    ...     def closed_form_update(self, sums):
+    ...         self.mean.fill_(float(sums["sum"] / sums["count"]))
+    ...         return {"mean": float(self.mean)}
+    >>> engine = Engine(Model(), EngineConfig(max_iter=2), torch.device("cpu"),
+    ...                 hooks=[ClosedFormHook()])
+    >>> engine.fit(TensorBatches((torch.arange(4.0),), 2)).history["mean"]
+    [1.5, 1.5]
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def on_epoch_begin(self, engine: Engine) -> None:
+        self._sums = {}
+
+    def after_step(
+        self, engine: Engine, batch: tuple, outputs: Mapping[str, torch.Tensor]
+    ) -> None:
+        statistics = getattr(engine.module, "step_statistics", None)
+        if not statistics:
+            return
+        for key, value in statistics.items():
+            value = value.detach().double()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+
+    def on_epoch_end(self, engine: Engine, logs: dict[str, float]) -> None:
+        sums = self._sums
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for value in sums.values():
+                torch.distributed.all_reduce(value)
+        module = engine.module
+        update = getattr(module, "module", module)  # unwrap a DDP wrapper
+        logs.update(update.closed_form_update(sums))
+        self._sums = {}
