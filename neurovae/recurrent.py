@@ -261,6 +261,7 @@ class RecurrentVAE(BaseVAE):
         scaling="auto",
         num_workers=0,
         checkpoint_dir=None,
+        distributed="auto",
     ):
         self.n_components = n_components
         self.ridge_alpha = ridge_alpha
@@ -294,6 +295,7 @@ class RecurrentVAE(BaseVAE):
         self.scaling = scaling
         self.num_workers = num_workers
         self.checkpoint_dir = checkpoint_dir
+        self.distributed = distributed
 
     # ------------------------------------------------------------------
     # the model
@@ -466,7 +468,8 @@ class RecurrentVAE(BaseVAE):
         X = check_array(X, input_name="X", estimator=self, **kwargs)
         return list(X), X.shape[2:], X.dtype
 
-    def _statistics(self, X: _Runs) -> DataStatistics:
+    def _statistics(self, X: _Runs, context=None) -> DataStatistics:
+        # the runs are in memory: every process reads all of them
         stats = DataStatistics()
         mask = getattr(self, "_mask", None)
         for i in range(len(X)):
@@ -500,10 +503,10 @@ class RecurrentVAE(BaseVAE):
         x, lengths = self._padded(X, range(len(X)))
         return (x, lengths, torch.arange(len(X)))
 
-    def _open_checkpoint(self, X, data, device, warm):
+    def _open_checkpoint(self, X, data, device, warm, writer=True):
         # the fingerprint of the (padded, scaled) runs stands for the data
         x = data[0].numpy()
-        return super()._open_checkpoint(x, data, device, warm)
+        return super()._open_checkpoint(x, data, device, warm, writer)
 
     def _resolved_batch_size(self, n_samples: int, n_groups: int = 1) -> int:
         batch_size = self.batch_size

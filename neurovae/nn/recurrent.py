@@ -62,6 +62,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from neurovae.nn.latent import LOGVAR_MAX, LOGVAR_MIN, GaussianLatent
+from neurovae.nn.noise import standard_normal
 
 _SUBJECT_EFFECTS = ("amortized", "table", None)
 _TEMPORAL_LOSSES = ("kl", "mse")
@@ -373,9 +374,11 @@ class RecurrentVAEModule(nn.Module):
         noise does not depend on the length of the others."""
         k = self.n_components
         if self.training:
-            return torch.randn(
+            # under DDP: the global batch's noise, this rank's rows (equal
+            # to one process's draws when the runs have one length)
+            return standard_normal(
                 (n, 1 + t_max, k),
-                generator=self.generator,
+                self.generator,
                 device=like.device,
                 dtype=like.dtype,
             )
