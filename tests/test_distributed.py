@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurovae import VAE, ContrastiveVAE
+from neurovae import VAE, ContrastiveVAE, VeryDeepVAE
 from neurovae.nn import batch_shard, standard_normal
 from neurovae.training import (
     DatasetBatches,
@@ -171,6 +171,10 @@ def _contrastive_data():
     return X, y
 
 
+def _volumes():
+    return np.random.default_rng(2).normal(size=(9, 6, 6, 6)).astype(np.float32)
+
+
 def _fits(distributed, checkpoint_dir):
     """The fits compared between 1 and 2 processes, by name."""
     common = dict(random_state=0, distributed=distributed, learning_rate_init=3e-3)
@@ -222,6 +226,20 @@ def _fits(distributed, checkpoint_dir):
     )
     out["checkpoint"] = VAE(**ckpt).fit(X[:65])
     out["resumed"] = VAE(**ckpt, verbose=2).fit(X[:65])  # finished: no training
+    # a hierarchy of latent groups: per-sample noise at every group drawn for
+    # the global batch, the rank keeping its rows; 9 volumes in batches of 4
+    # end with one volume, a stand-in of weight 0 on rank 1
+    out["very_deep"] = VeryDeepVAE(
+        channels=(4, 8),
+        channels_hidden=(2, 4),
+        channels_per_latent=(1, 2),
+        latents_per_resolution=(1, 1),
+        kernel_sizes=(3, 3),
+        batch_size=4,
+        max_iter=2,
+        warmup_iter=0,
+        **common,
+    ).fit(_volumes())
     return out
 
 
@@ -230,7 +248,11 @@ def _summary(estimator) -> dict:
         "state": {k: v.clone() for k, v in estimator.module_.state_dict().items()},
         "history": {k: v for k, v in estimator.history_.items() if k != "time"},
         "n_iter": estimator.n_iter_,
-        "transform": estimator.transform(_vae_data()[:, : estimator.n_features_in_]),
+        "transform": estimator.transform(
+            _volumes()
+            if isinstance(estimator, VeryDeepVAE)
+            else _vae_data()[:, : estimator.n_features_in_]
+        ),
     }
 
 
@@ -289,7 +311,9 @@ def _assert_close(a, b, atol=ATOL):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vae", "early", "contrastive", "checkpoint"])
+@pytest.mark.parametrize(
+    "name", ["vae", "early", "contrastive", "checkpoint", "very_deep"]
+)
 def test_two_processes_match_one(two_processes, one_process, name):
     _, ranks = two_processes
     # every rank ends with the same weights (bitwise), and those of one process

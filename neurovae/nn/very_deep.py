@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from neurovae.nn.latent import LOGVAR_MAX, LOGVAR_MIN
+from neurovae.nn.noise import standard_normal
 
 # Bounds on the log standard deviations of the posterior and prior: those of
 # the single-level model's log-variance, halved.
@@ -638,9 +639,8 @@ class VeryDeepVAEModule(nn.Module):
             generator = self.generator if generator is None else generator
 
             def draw(shape):
-                return torch.randn(
-                    shape, generator=generator, device=device, dtype=dtype
-                )
+                # the global batch's noise, this rank's rows, under DDP
+                return standard_normal(shape, generator, device=device, dtype=dtype)
 
             return draw
         fixed = torch.Generator(device=device).manual_seed(int(self.eval_seed))
@@ -766,7 +766,11 @@ class VeryDeepVAEModule(nn.Module):
         nll, kl = self.terms(batch[0])
         kl_mean = kl.mean(dim=0)
         recon, total = nll.mean(), kl_mean.sum()
-        out = {"loss": recon + self.beta * total, "recon": recon, "kl": total}
+        import os
+
+        fb = float(os.environ.get("NV_FREE_NATS", 0))
+        penalised = kl_mean.clamp(min=fb).sum() if fb > 0 else total
+        out = {"loss": recon + self.beta * penalised, "recon": recon, "kl": total}
         levels = torch.tensor(self.level_of_group, device=kl.device)
         for r in range(self.n_resolutions):
             out[f"kl_level{r}"] = kl_mean[levels == r].sum()
