@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurovae import VAE, ContrastiveVAE, VeryDeepVAE
+from neurovae import VAE, ContrastiveVAE, RecurrentVAE, VeryDeepVAE
 from neurovae.nn import batch_shard, standard_normal
 from neurovae.training import (
     DatasetBatches,
@@ -240,7 +240,28 @@ def _fits(distributed, checkpoint_dir):
         warmup_iter=0,
         **common,
     ).fit(_volumes())
+    # the closed-form transition: its sufficient statistics summed over the
+    # processes; 7 runs of one length in batches of 3 (2 + 1, ..., 1 + 0)
+    out["recurrent"] = RecurrentVAE(
+        n_components=2,
+        hidden_layer_sizes=(8,),
+        batch_size=3,
+        max_iter=2,
+        **common,
+    ).fit(_runs())
     return out
+
+
+def _runs():
+    return np.random.default_rng(3).normal(size=(7, 5, 6)).astype(np.float32)
+
+
+def _inputs(estimator):
+    if isinstance(estimator, VeryDeepVAE):
+        return _volumes()
+    if isinstance(estimator, RecurrentVAE):
+        return _runs()
+    return _vae_data()[:, : estimator.n_features_in_]
 
 
 def _summary(estimator) -> dict:
@@ -248,11 +269,7 @@ def _summary(estimator) -> dict:
         "state": {k: v.clone() for k, v in estimator.module_.state_dict().items()},
         "history": {k: v for k, v in estimator.history_.items() if k != "time"},
         "n_iter": estimator.n_iter_,
-        "transform": estimator.transform(
-            _volumes()
-            if isinstance(estimator, VeryDeepVAE)
-            else _vae_data()[:, : estimator.n_features_in_]
-        ),
+        "transform": estimator.transform(_inputs(estimator)),
     }
 
 
@@ -312,7 +329,8 @@ def _assert_close(a, b, atol=ATOL):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["vae", "early", "contrastive", "checkpoint", "very_deep"]
+    "name",
+    ["vae", "early", "contrastive", "checkpoint", "very_deep", "recurrent"],
 )
 def test_two_processes_match_one(two_processes, one_process, name):
     _, ranks = two_processes

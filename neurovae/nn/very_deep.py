@@ -766,11 +766,7 @@ class VeryDeepVAEModule(nn.Module):
         nll, kl = self.terms(batch[0])
         kl_mean = kl.mean(dim=0)
         recon, total = nll.mean(), kl_mean.sum()
-        import os
-
-        fb = float(os.environ.get("NV_FREE_NATS", 0))
-        penalised = kl_mean.clamp(min=fb).sum() if fb > 0 else total
-        out = {"loss": recon + self.beta * penalised, "recon": recon, "kl": total}
+        out = {"loss": recon + self.beta * total, "recon": recon, "kl": total}
         levels = torch.tensor(self.level_of_group, device=kl.device)
         for r in range(self.n_resolutions):
             out[f"kl_level{r}"] = kl_mean[levels == r].sum()

@@ -164,7 +164,9 @@ class ClosedFormHook(Hook):
     ``module.closed_form_update(sums)``, which updates the module and returns
     a dict of floats that are logged in the history. Sums are kept in
     float64; under ``torch.distributed`` they are summed over all processes
-    first, so every process solves the same update.
+    first, so every process solves the same update (a process whose share of
+    a global batch is empty, and runs a stand-in sample of weight 0, adds
+    nothing).
 
     Examples
     --------
@@ -202,8 +204,9 @@ class ClosedFormHook(Hook):
         self, engine: Engine, batch: tuple, outputs: Mapping[str, torch.Tensor]
     ) -> None:
         statistics = getattr(engine.module, "step_statistics", None)
-        if not statistics:
-            return
+        shard = getattr(engine, "shard", None)
+        if not statistics or (shard is not None and shard.n_local == 0):
+            return  # nothing, or a distributed stand-in sample (weight 0)
         for key, value in statistics.items():
             value = value.detach().double()
             self._sums[key] = self._sums[key] + value if key in self._sums else value
