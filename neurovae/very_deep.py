@@ -262,9 +262,13 @@ _PARAMETERS = """
     latents_per_resolution : tuple of int, default=(0, 1, 2, 2)
         Number of latent groups at each resolution (0: none there, the
         decoder then has ``n_blocks_per_resolution`` plain blocks).
-    kernel_sizes : tuple of int, default=(1, 3, 3, 3)
-        Kernel size of the blocks' middle convolutions at each resolution
-        (1 keeps the costly highest resolution channel-wise).
+    kernel_sizes : tuple of int, default=(3, 3, 3, 3)
+        Kernel size of the blocks' middle convolutions at each resolution.
+        1 makes a resolution's blocks channel-wise (cheaper), but at the
+        highest resolution the output is then constant over the 2x2x2
+        blocks of the nearest-neighbour upsampling: on 32^3 ellipsoids, 3
+        there gave -1.63 bits per voxel and single smooth blobs as samples,
+        against -1.51 and blocky texture with 1 (``benchmarks/``).
     n_blocks_per_resolution : int, default=1
         Residual blocks per resolution in the encoder.
     n_transform_groups : int, default=1
@@ -457,7 +461,7 @@ class VeryDeepVAE(BaseVAE):
         channels_hidden=(4, 8, 16, 32),
         channels_per_latent=(1, 2, 4, 8),
         latents_per_resolution=(0, 1, 2, 2),
-        kernel_sizes=(1, 3, 3, 3),
+        kernel_sizes=(3, 3, 3, 3),
         *,
         n_blocks_per_resolution=1,
         n_transform_groups=1,
