@@ -70,6 +70,7 @@ from neurovae.training import (
     TensorBatches,
     autocast,
     local_rng,
+    make_scaler,
     make_schedule,
     resolve_device,
 )
@@ -643,7 +644,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             early_stopping=self.early_stopping,
             n_iter_no_change=self.n_iter_no_change,
             tol=self.tol,
-            precision=self.precision,
+            precision=self._param("precision"),
             verbose=self.verbose,
             name=type(self).__name__,
         )
@@ -847,6 +848,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if not warm:  # warm starts keep the mask and scaling of the first fit
             self._fit_mask()
         context, device = resolve_distributed(self.distributed, self.device)
+        make_scaler(device, self._param("precision"))  # "16" needs CUDA: fail now
         stats = self._statistics(X, context)
         if not warm:
             self._fit_scaling(stats)
@@ -965,7 +967,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         batch_size = max(1, min(_INFERENCE_BATCH, _INFERENCE_VOXELS // per_sample))
         outputs = []
         for batch in self._input_batches(data, batch_size):
-            with autocast(device, self.precision):
+            with autocast(device, self._param("precision")):
                 out = fn(batch.to(device))
             outputs.append(out.float().cpu())
         return torch.cat(outputs)

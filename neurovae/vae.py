@@ -64,8 +64,13 @@ _TRAINING_PARAMETERS = """
     device : str, default="auto"
         "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", ...
         Resolved in ``fit``.
-    precision : {"32", "bf16"}, default="32"
-        Float32, or bfloat16 autocast (on CPU and GPU).
+    precision : {"32", "bf16", "16"}, default="32"
+        Float32; bfloat16 autocast (on CPU and GPU); or float16 autocast
+        with a gradient scaler, on CUDA only (``fit`` on another device is
+        an error). Steps the scaler skips while it calibrates its scale are
+        counted in ``history_["n_skipped_scaler"]``, apart from the
+        divergence skips of ``n_skipped``. A model trained with "16" runs
+        in float32 once moved to (or unpickled on) a CPU.
     random_state : int, RandomState instance or None, default=None
         Controls weight initialisation, shuffling, the validation split, the
         reparameterisation noise and scoring. Global random generators are

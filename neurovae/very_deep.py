@@ -167,9 +167,9 @@ def read_config(config) -> tuple[dict, tuple[int, ...] | None, list[str]]:
     ------
     ValueError
         If the configuration breaks the schema (every error is listed), or
-        asks for what neurovae does not do (a Bernoulli likelihood, float16
-        training, top-down widths other than the bottom-up ones, different
-        bottom-up and top-down kernel sizes).
+        asks for what neurovae does not do (a Bernoulli likelihood,
+        top-down widths other than the bottom-up ones, different bottom-up
+        and top-down kernel sizes).
 
     Examples
     --------
@@ -197,12 +197,9 @@ def read_config(config) -> tuple[dict, tuple[int, ...] | None, list[str]]:
             f"likelihood={config['likelihood']!r}: VeryDeepVAE has a Gaussian "
             "likelihood only."
         )
-    if config.get("half_precision", False):
-        raise ValueError(
-            "half_precision=true (float16 with a gradient scaler) is not "
-            "available; drop it and set precision='bf16' on the estimator."
-        )
     params: dict = {}
+    if config.get("half_precision", False):  # false: the estimator's precision
+        params["precision"] = "16"  # float16 with a gradient scaler (CUDA)
     for key, name in _CONFIG_PARAMETERS.items():
         if key not in config:
             continue
@@ -314,15 +311,17 @@ _PARAMETERS = """
         ``learning_rate`` (``learning_rate_init``),
         ``gradient_clipping_value`` (``max_grad_norm``),
         ``gradient_skipping_value`` (``skip_threshold``),
-        ``warmup_iterations`` (``skip_warmup_steps``) and ``train_frac``
+        ``warmup_iterations`` (``skip_warmup_steps``), ``train_frac``
         (``validation_fraction = 1 - train_frac``, used with early
-        stopping). ``nii_target_shape`` or ``resolution`` must match the
-        data's grid. The reference's network switches that neurovae builds
-        its own way (``use_tanh_output``, ``predict_x_var``,
+        stopping) and ``half_precision`` (true: ``precision="16"``, float16
+        with a gradient scaler, which needs a CUDA device; false leaves
+        ``precision`` as set). ``nii_target_shape`` or ``resolution`` must
+        match the data's grid. The reference's network switches that
+        neurovae builds its own way (``use_tanh_output``, ``predict_x_var``,
         ``l2_reg_coeff``, ...) are not applied, with a warning naming them;
         the settings of its training script (plots, checkpoints, DDP) are
-        accepted and not used. A Bernoulli likelihood, ``half_precision``
-        and top-down widths other than the bottom-up ones are errors.
+        accepted and not used. A Bernoulli likelihood and top-down widths
+        other than the bottom-up ones are errors.
         ``get_params`` still shows the parameters as set; the values in
         effect are in ``config_params_``."""
 

@@ -96,8 +96,9 @@ CONFIGS = {
 }
 
 
-def engine_run(config, path=None, hooks=(), fingerprint=None):
-    """One engine run on fresh objects; a checkpoint at ``path`` if given."""
+def engine_run(config, path=None, hooks=(), fingerprint=None, scaler=None):
+    """One engine run on fresh objects; a checkpoint at ``path`` if given;
+    ``scaler``: a function returning the gradient scaler to train with."""
     x, y = regression_data()
     with local_rng(0):
         module = NoisyRegression()
@@ -114,6 +115,7 @@ def engine_run(config, path=None, hooks=(), fingerprint=None):
         EngineConfig(**{"max_iter": 12, "learning_rate_init": 0.05, **config}),
         CPU,
         hooks=[DiscriminatorHook(learning_rate=0.01), *hooks],
+        scaler=None if scaler is None else scaler(),
     )
     result = engine.fit(train, val, checkpoint=checkpoint)
     return result, module
@@ -155,6 +157,32 @@ def test_engine_resumes_bitwise(name, tmp_path):
     if name == "skip":  # updates were skipped before and after it
         skipped = reference.history["n_skipped"]
         assert sum(skipped[:stop]) > 0 and sum(skipped[stop:]) > 0
+
+
+def overflowing_scaler():
+    """A CPU gradient scaler whose scale overflows float32 gradients at
+    first, then grows back every 3 steps: it skips steps all run long."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0**126, growth_interval=3)
+
+
+def test_engine_resumes_the_gradient_scaler_bitwise(tmp_path):
+    config = dict(max_grad_norm=1.0)
+    reference, ref_module = engine_run(config, scaler=overflowing_scaler)
+    skipped = reference.history["n_skipped_scaler"]
+    stop = 4
+    assert sum(skipped[:stop]) > 0 and sum(skipped[stop:]) > 0
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Stop):
+        engine_run(config, path, hooks=[StopAt(stop)], scaler=overflowing_scaler)
+    result, module = engine_run(
+        config, path, hooks=[CountEpochs()], scaler=overflowing_scaler
+    )
+    assert result.n_resumed == stop
+    assert states_equal(module, ref_module)
+    assert without_time(result.history) == without_time(reference.history)
+    # a run without the scaler does not take the checkpoint
+    with pytest.raises(CheckpointError, match="gradient scaler"):
+        engine_run(config, path, hooks=[CountEpochs()])
 
 
 def test_engine_checkpoint_of_a_finished_run_trains_nothing(tmp_path):

@@ -16,7 +16,9 @@ from neurovae.training import (
     Hook,
     Linear,
     TensorBatches,
+    autocast,
     local_rng,
+    make_scaler,
     make_schedule,
     resolve_device,
 )
@@ -565,6 +567,148 @@ def test_unknown_precision():
     engine = Engine(Quadratic(), EngineConfig(max_iter=1, precision="fp8"), CPU)
     with pytest.raises(ValueError, match="precision.*'fp8'"):
         engine.fit(batches((torch.ones(4),), 2))
+
+
+# ---------------------------------------------------------------------------
+# float16 with a gradient scaler: its logic, run on the CPU with a CPU scaler
+# ---------------------------------------------------------------------------
+class OverflowOn(Quadratic):
+    """Quadratic whose gradient is infinite (its loss finite) on the training
+    steps listed in ``steps``, or on every step when ``steps`` is None."""
+
+    def __init__(self, steps=None):
+        super().__init__()
+        self.steps = steps
+        self.calls = 0
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        if self.training:
+            if self.steps is None or self.calls in self.steps:
+                out["loss"] = _InfiniteGradient.apply(out["loss"])
+            self.calls += 1
+        return out
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def cpu_scaler(scale=2.0**16, growth_interval=2000):
+    return torch.amp.GradScaler(
+        "cpu", init_scale=scale, growth_interval=growth_interval
+    )
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_scaled_steps_follow_the_unscaled_ones(max_grad_norm):
+    # the scaled backward pass, unscaled before clipping and stepping, makes
+    # the updates of plain float32 training (a scale of 2**20 would clip to
+    # nothing if clipping saw the scaled gradients)
+    x, y = regression_data()
+    runs = []
+    for scaler in (None, cpu_scaler(2.0**20, growth_interval=3)):
+        module = seeded(Regression)
+        config = EngineConfig(
+            max_iter=4, learning_rate_init=0.05, max_grad_norm=max_grad_norm
+        )
+        engine = Engine(module, config, CPU, scaler=scaler)
+        result = engine.fit(batches((x, y), 16, seed=0))
+        runs.append((module.state_dict(), result.history))
+    (plain, plain_history), (scaled, scaled_history) = runs
+    for key in plain:
+        torch.testing.assert_close(scaled[key], plain[key], rtol=1e-6, atol=1e-7)
+    assert scaled_history["n_skipped_scaler"] == [0, 0, 0, 0]
+    assert "n_skipped_scaler" not in plain_history
+    assert scaled_history["n_skipped"] == plain_history["n_skipped"] == [0] * 4
+
+
+def test_scaler_overflow_is_skipped_and_halves_the_scale():
+    module = seeded(OverflowOn, {1})
+    scaler = cpu_scaler()
+    config = EngineConfig(max_iter=1, learning_rate_init=0.1, ema_decay=0.5)
+    engine = Engine(module, config, CPU, scaler=scaler)
+    result = engine.fit(batches((torch.full((8,), 3.0),), 2))  # 4 steps
+    assert scaler.get_scale() == 2.0**15
+    assert result.history["n_skipped_scaler"] == [1]
+    assert result.history["n_skipped"] == [0]
+    state = engine.optimizer.state_dict()["state"]
+    assert int(state[0]["step"]) == 3  # the optimiser stepped 3 times of 4
+    assert torch.isfinite(module.w).all()
+    # the skipped step's finite loss is logged with the others
+    assert math.isfinite(result.history["loss"][0])
+
+
+def test_scaler_calibration_is_no_divergence():
+    # 6 overflows in a row (the scale falls from 2**16 to 2**10) with
+    # max_consecutive_skips=2: the scaler calibrating, not a divergence
+    module = seeded(OverflowOn, set(range(6)))
+    scaler = cpu_scaler()
+    config = EngineConfig(max_iter=2, learning_rate_init=0.1, max_consecutive_skips=2)
+    result = Engine(module, config, CPU, scaler=scaler).fit(
+        batches((torch.full((8,), 3.0),), 2)
+    )
+    assert result.history["n_skipped_scaler"] == [4, 2]
+    assert result.history["n_skipped"] == [0, 0]
+    assert scaler.get_scale() == 2.0**10
+
+
+def test_overflow_at_a_scale_of_one_is_a_divergence():
+    # the scale halves to 1, then the gradients overflow by themselves
+    module = seeded(OverflowOn, None)
+    scaler = cpu_scaler(4.0)
+    config = EngineConfig(max_iter=5, max_consecutive_skips=3, precision="32")
+    with pytest.raises(DivergenceError, match="3 consecutive steps"):
+        Engine(module, config, CPU, scaler=scaler).fit(batches((torch.ones(8),), 1))
+    assert module.calls == 2 + 3  # 4 -> 2 -> 1: two scaler skips, then three
+    assert scaler.get_scale() <= 1.0
+
+
+def test_scaler_leaves_non_finite_losses_to_the_engine():
+    module = seeded(SometimesNaN, 3)
+    scaler = cpu_scaler()
+    config = EngineConfig(max_iter=2, learning_rate_init=0.1)
+    result = Engine(module, config, CPU, scaler=scaler).fit(
+        batches((torch.full((8,), 3.0),), 2)
+    )
+    assert sum(result.history["n_skipped"]) > 0
+    assert result.history["n_skipped_scaler"] == [0, 0]
+
+
+def test_precision_16_needs_cuda():
+    config = EngineConfig(max_iter=1, precision="16")
+    with pytest.raises(ValueError, match="'16' needs a CUDA device; use 'bf16' on CPU"):
+        Engine(Quadratic(), config, CPU)
+    assert make_scaler(CPU, "32") is None and make_scaler(CPU, "bf16") is None
+    with autocast(CPU, "16"):  # inference on a CPU runs in float32
+        assert nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_float16_trains_on_cuda():
+    cuda = torch.device("cuda")
+    x, y = regression_data()
+    module = seeded(Regression).to(cuda)
+    config = EngineConfig(
+        max_iter=8, learning_rate_init=0.1, precision="16", max_grad_norm=10.0
+    )
+    engine = Engine(module, config, cuda)
+    assert isinstance(engine.scaler, torch.amp.GradScaler)
+    with autocast(cuda, "16"):
+        assert module(((x.to(cuda)), y.to(cuda)))["loss"].isfinite()
+        assert module.linear(x.to(cuda)).dtype == torch.float16
+    result = engine.fit(batches((x.to(cuda), y.to(cuda)), 32, seed=0))
+    assert module.linear.weight.dtype == torch.float32
+    assert result.history["loss"][-1] < 0.2 * result.history["loss"][0]
+    assert sum(result.history["n_skipped"]) == 0
+    assert "n_skipped_scaler" in result.history
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -9,7 +9,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from neurovae import VAE, BetaVAE
+from neurovae import VAE, BetaVAE, ContrastiveVAE, RecurrentVAE, VeryDeepVAE
 from neurovae.nn import ConvEncoder3d, MLPEncoder, ResNetEncoder3d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -746,7 +746,7 @@ BAD_PARAMETERS = [
     ("tol", -1),
     ("device", "tpu"),
     ("device", 0),
-    ("precision", "16"),
+    ("precision", "float16"),
     ("precision", "fp64"),
     ("random_state", "x"),
     ("random_state", -1),
@@ -778,6 +778,45 @@ def test_bad_parameter_raises_at_fit(Estimator, name, value, X):
         est.fit(X)
     assert "Traceback" not in str(info.value)
     assert not hasattr(est, "module_")
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+@pytest.mark.parametrize(
+    "Estimator", [VAE, BetaVAE, ContrastiveVAE, RecurrentVAE, VeryDeepVAE]
+)
+def test_float16_needs_a_cuda_device(Estimator, device, X):
+    if device == "auto" and torch.cuda.is_available():
+        pytest.skip("'auto' is a CUDA device here")
+    rng = np.random.default_rng(0)
+    args = {
+        ContrastiveVAE: (X, np.arange(len(X)) % 2 == 0),
+        RecurrentVAE: (rng.normal(size=(4, 5, 6)),),
+        VeryDeepVAE: (rng.normal(size=(4, 8, 8, 8)).astype(np.float32),),
+    }.get(Estimator, (X,))
+    est = Estimator(max_iter=1, device=device, precision="16")
+    with pytest.raises(ValueError, match="'16' needs a CUDA device; use 'bf16' on CPU"):
+        est.fit(*args)
+    assert not hasattr(est, "module_")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("Estimator", [VAE, ContrastiveVAE, RecurrentVAE])
+def test_float16_fits_on_cuda(Estimator, X, small):
+    rng = np.random.default_rng(0)
+    args = {
+        ContrastiveVAE: (X, np.arange(len(X)) % 2 == 0),
+        RecurrentVAE: (rng.normal(size=(8, 5, 6)),),
+    }.get(Estimator, (X,))
+    params = {**small, "device": "cuda", "precision": "16", "max_iter": 20}
+    est = Estimator(n_components=2, **params).fit(*args)
+    history = est.history_
+    assert next(est.module_.parameters()).dtype == torch.float32
+    assert history["loss"][-1] < history["loss"][0]
+    assert sum(history["n_skipped"]) == 0
+    assert len(history["n_skipped_scaler"]) == 20
+    Z = est.transform(args[0])
+    assert np.isfinite(Z).all()
 
 
 def test_unavailable_cuda_device(X, small):

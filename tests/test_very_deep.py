@@ -177,7 +177,6 @@ def test_config_is_checked_against_the_schema(volumes):
     ("change", "match"),
     [
         ({"likelihood": "Bernoulli"}, "Gaussian likelihood only"),
-        ({"half_precision": True}, "precision='bf16'"),
         ({"kernel_sizes_top_down": [1, 3, 1]}, "one kernel size per resolution"),
         ({"channels_top_down": [4, 8, 16]}, "widths of the bottom-up one"),
         ({"resolution": 32}, "written for volumes of 32x32x32 voxels"),
@@ -190,6 +189,15 @@ def test_config_asks_for_what_neurovae_does_not_do(volumes, change, match):
     with pytest.raises(ValueError, match=match):
         est.fit(volumes)
     assert not hasattr(est, "config_params_")
+
+
+def test_config_half_precision_is_float16(volumes):
+    assert read_config({**CONFIG, "half_precision": True})[0]["precision"] == "16"
+    assert "precision" not in read_config({**CONFIG, "half_precision": False})[0]
+    est = VeryDeepVAE(**DEFAULTS, precision="bf16")
+    est.set_params(config={**CONFIG, "half_precision": True})
+    with pytest.raises(ValueError, match="'16' needs a CUDA device"):
+        est.fit(volumes)  # on the CPU: the config's float16 is in effect
 
 
 def test_reference_switches_built_another_way_warn(volumes, one_thread):

@@ -10,7 +10,13 @@ Models plug in through the ``module(batch) -> dict of losses`` protocol and
 
 from neurovae.training.checkpoint import Checkpoint, CheckpointError
 from neurovae.training.data import DatasetBatches, Shard, TensorBatches
-from neurovae.training.device import PRECISIONS, autocast, local_rng, resolve_device
+from neurovae.training.device import (
+    PRECISIONS,
+    autocast,
+    local_rng,
+    make_scaler,
+    resolve_device,
+)
 from neurovae.training.distributed import (
     DistributedContext,
     is_main_process,
@@ -59,6 +65,7 @@ __all__ = [
     "launched",
     "local_rng",
     "make_optimizer",
+    "make_scaler",
     "make_schedule",
     "resolve_device",
     "resolve_distributed",

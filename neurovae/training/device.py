@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import torch
 
-#: Accepted ``precision`` values: "32" (float32) and "bf16" (bfloat16 autocast).
-PRECISIONS = ("32", "bf16")
+#: Accepted ``precision`` values: "32" (float32), "bf16" (bfloat16 autocast)
+#: and "16" (float16 autocast with a gradient scaler, CUDA only).
+PRECISIONS = ("32", "bf16", "16")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -70,15 +71,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for ``precision`` ("32": none, "bf16": bfloat16).
+    """Autocast context for ``precision`` ("32": none, "bf16", "16").
 
     Parameters
     ----------
     device : torch.device
         Device the computation runs on.
-    precision : {"32", "bf16"}
+    precision : {"32", "bf16", "16"}
         "32" runs in float32 (a no-op context); "bf16" autocasts eligible
-        operations (matrix products, convolutions) to bfloat16.
+        operations (matrix products, convolutions) to bfloat16 on every
+        device; "16" autocasts them to float16 on CUDA (training needs a
+        gradient scaler too, see :func:`make_scaler`) and runs in float32
+        on other devices: float16 is slow on a CPU, and there it only
+        happens at inference, for a model trained on a GPU.
 
     Returns
     -------
@@ -108,7 +113,59 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "16":
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
     raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """The gradient scaler that training in ``precision`` needs, if any.
+
+    float16 has a narrow range (its smallest normal number is about 6e-5,
+    its largest 65504): small gradients underflow to zero. Training with
+    ``precision="16"`` therefore multiplies the loss by a large scale before
+    the backward pass and divides the gradients by it before the step; the
+    :class:`torch.amp.GradScaler` returned here lowers the scale (and skips
+    the step) when the scaled gradients overflow, and raises it again after
+    a run of finite steps. The other precisions need no scaler (bfloat16 has
+    float32's range).
+
+    Parameters
+    ----------
+    device : torch.device
+        Device the training runs on.
+    precision : str
+        The ``precision`` parameter.
+
+    Returns
+    -------
+    torch.amp.GradScaler or None
+        A CUDA gradient scaler for "16"; None otherwise.
+
+    Raises
+    ------
+    ValueError
+        If ``precision`` is "16" and ``device`` is not a CUDA device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neurovae.training import make_scaler
+    >>> make_scaler(torch.device("cpu"), "bf16") is None
+    True
+    >>> make_scaler(torch.device("cpu"), "16")
+    Traceback (most recent call last):
+    ...
+    ValueError: precision='16' needs a CUDA device; use 'bf16' on CPU
+    """
+    if precision != "16":
+        return None
+    if device.type != "cuda":
+        where = "CPU" if device.type == "cpu" else f"device {device.type!r}"
+        raise ValueError(f"precision='16' needs a CUDA device; use 'bf16' on {where}")
+    return torch.amp.GradScaler("cuda")
 
 
 _RNG_LOCK = threading.Lock()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from neurovae.nn.noise import batch_shard
 from neurovae.training.checkpoint import Checkpoint, CheckpointError
 from neurovae.training.data import DatasetBatches, TensorBatches
-from neurovae.training.device import autocast
+from neurovae.training.device import autocast, make_scaler
 from neurovae.training.distributed import DistributedContext
 from neurovae.training.optim import make_optimizer
 from neurovae.training.schedules import Schedule
@@ -160,9 +160,16 @@ class EngineConfig:
         Patience of early stopping, in epochs.
     tol : float, default=1e-4
         Smallest decrease of the validation loss that counts as improvement.
-    precision : {"32", "bf16"}, default="32"
+    precision : {"32", "bf16", "16"}, default="32"
         Numerical precision of the forward pass, see
-        :func:`~neurovae.training.autocast`.
+        :func:`~neurovae.training.autocast`. "16" (float16) also scales the
+        loss with a gradient scaler (:func:`~neurovae.training.make_scaler`)
+        and needs a CUDA device. A step whose scaled gradients overflow is
+        then skipped by the scaler, which halves its scale; while the scale
+        is above 1 such a step is the scaler calibrating, not a divergence:
+        it is counted in ``n_skipped_scaler``, not ``n_skipped``, and does
+        not count towards ``max_consecutive_skips``. At a scale of 1 or
+        below, an overflow is the model's own and counts as any skip.
     verbose : int, default=0
         0: silent; 1: a progress bar; 2 or more: one line per epoch.
     max_consecutive_skips : int, default=20
@@ -223,7 +230,9 @@ class EngineResult:
         One value per epoch (including those of earlier runs when a history
         was passed to :meth:`Engine.fit`) for every loss term, every
         ``val_``-prefixed validation term, every scheduled attribute,
-        ``n_skipped`` (non-finite steps skipped) and ``time`` (seconds).
+        ``n_skipped`` (non-finite steps skipped), ``n_skipped_scaler``
+        (with a gradient scaler: steps it skipped while calibrating its
+        scale, see :class:`EngineConfig`) and ``time`` (seconds).
     n_epochs : int
         Epochs completed by this run.
     best_epoch : int or None
@@ -300,6 +309,14 @@ class Engine:
         processes take the same decisions and end with the same weights.
         Only rank 0 prints and writes checkpoints. The engine's ``module``
         stays the plain module.
+    scaler : torch.amp.GradScaler, optional
+        Gradient scaler to train with; by default
+        :func:`~neurovae.training.make_scaler` gives one for precision "16"
+        (on CUDA; elsewhere it raises) and none for the other precisions.
+        The backward pass then runs on the scaled loss and the gradients
+        are unscaled before they are clipped, measured or applied. Passing
+        one (e.g. ``torch.amp.GradScaler("cpu")``) runs the scaled path on
+        any device, which the tests use.
 
     Examples
     --------
@@ -327,7 +344,11 @@ class Engine:
         schedules: Mapping[str, Schedule] | None = None,
         hooks: Sequence[Hook] = (),
         distributed: DistributedContext | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
+        self.scaler = (
+            scaler if scaler is not None else make_scaler(device, config.precision)
+        )
         self.module = module
         self.config = config
         self.device = device
@@ -404,10 +425,17 @@ class Engine:
 
     def _divergence(self, detail: str) -> DivergenceError:
         cfg = self.config
+        fp16 = (
+            " With precision='16', values beyond float16's range (65504) are "
+            "infinite: precision='bf16' has float32's range."
+            if cfg.precision == "16"
+            else ""
+        )
         return DivergenceError(
             f"{cfg.name}.fit diverged: {detail}. Lower learning_rate_init "
             f"(now {cfg.learning_rate_init:g}), set max_grad_norm (e.g. 1.0; now "
             f"{cfg.max_grad_norm}), or rescale the input (e.g. standardise it)."
+            f"{fp16}"
         )
 
     @torch.no_grad()
@@ -465,9 +493,10 @@ class Engine:
     def _train_epoch(self, batches: Batches) -> dict[str, float]:
         cfg = self.config
         module, optimizer, params = self.module, self.optimizer, self._params
+        scaler = self.scaler
         module.train()
         sums: dict[str, float] = {}
-        n_seen = n_skipped = n_large = consecutive = 0
+        n_seen = n_skipped = n_large = n_scaler = consecutive = 0
         n_batches = len(batches)
         shards = None if self.distributed is None else batches.shards()
         if self._ddp is not None:
@@ -492,9 +521,17 @@ class Engine:
                 weight = shard.n_local * self.distributed.world_size / shard.n_global
                 loss = out["loss"] * weight
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is None:
+                loss.backward()
+            else:  # (under DDP the scaled gradients are averaged, then unscaled)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip and measure the true gradients
             values = torch.stack([v.detach().float() for v in out.values()])
-            measure = cfg.max_grad_norm is not None or cfg.skip_threshold is not None
+            measure = (
+                cfg.max_grad_norm is not None
+                or cfg.skip_threshold is not None
+                or scaler is not None  # its overflows show as a non-finite norm
+            )
             if measure:
                 # clipping computes the gradient norm anyway: check it too.
                 # (Without clipping a separate pass over every gradient would
@@ -515,6 +552,15 @@ class Engine:
                 and norm > cfg.skip_threshold
                 and self.epoch * n_batches + i >= cfg.skip_warmup
             )
+            n = batch[0].shape[0] if shards is None else shards[i].n_global
+            if scaler is not None and (not finite or too_large):
+                if self._scaler_skip(terms["loss"], norm):
+                    n_scaler += 1  # the scale was too large: not a divergence
+                    optimizer.zero_grad(set_to_none=True)
+                    for key, value in terms.items():  # the loss is finite
+                        sums[key] = sums.get(key, 0.0) + value * n
+                    n_seen += n
+                    continue
             if not finite or too_large:
                 n_skipped += 1
                 consecutive += 1
@@ -527,12 +573,15 @@ class Engine:
                     )
                 continue
             consecutive = 0
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:  # finite gradients (finite norm): the scaler steps too
+                scaler.step(optimizer)
+                scaler.update()
             if self._ema is not None:
                 self._update_ema()
             for hook in self.hooks:
                 hook.after_step(self, batch, out)
-            n = batch[0].shape[0] if shards is None else shards[i].n_global
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value * n
             n_seen += n
@@ -545,7 +594,37 @@ class Engine:
         logs["n_skipped"] = n_skipped
         if cfg.skip_threshold is not None:
             logs["n_skipped_large"] = n_large
+        if scaler is not None:
+            logs["n_skipped_scaler"] = n_scaler
         return logs
+
+    def _scaler_skip(self, loss: float, norm: float) -> bool:
+        """End a step that is not taken under the gradient scaler; whether
+        it was the scaler's own skip.
+
+        The scaler has unscaled the gradients and recorded whether they were
+        finite; :meth:`torch.amp.GradScaler.update` consumes that record (it
+        must run before the next step) and halves the scale if they were
+        not. A finite loss with non-finite gradients, at a scale above 1 that
+        the overflow made the scaler lower, is a scaled-gradient overflow:
+        the scaler skips the step and calibrates its scale, which is no sign
+        of divergence. Anything else (a non-finite loss, a norm above
+        ``skip_threshold``, an overflow at a scale of 1 or below, where the
+        gradients overflow by themselves) is the engine's skip. Every figure
+        involved (the loss and norm reduced over the processes, the scale
+        that evolves alike on all of them, and the scaler's check of the
+        already averaged gradients) is the same on every process, so all
+        take the same decision.
+        """
+        scaler = self.scaler
+        before = scaler.get_scale()  # (a device sync, on skipped steps only)
+        scaler.update()
+        return (
+            math.isfinite(loss)
+            and not math.isfinite(norm)
+            and before > 1.0
+            and scaler.get_scale() < before
+        )
 
     def _reduce_step(self, values: torch.Tensor, shard, measure: bool) -> torch.Tensor:
         """The step's figures over all processes: each loss term's mean over
@@ -583,7 +662,7 @@ class Engine:
     def _report(self, logs: dict[str, float], total: int, bar) -> None:
         if not self.is_main:
             return
-        hidden = ("time", "n_skipped", "n_skipped_large")
+        hidden = ("time", "n_skipped", "n_skipped_large", "n_skipped_scaler")
         shown = {k: v for k, v in logs.items() if k not in hidden}
         if self.config.verbose == 1:
             bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -624,6 +703,7 @@ class Engine:
             "generators": [g.get_state() for g in self._generators(train)],
             "snapshot": snapshot,
             "ema": self._ema,
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "history": self.history,
             "progress": progress,
         }
@@ -637,11 +717,12 @@ class Engine:
             or len(state["hooks"]) != len(self.hooks)
             or len(state["generators"]) != len(generators)
             or (state["ema"] is None) != (self._ema is None)
+            or (state.get("scaler") is None) != (self.scaler is None)
         ):
             raise CheckpointError(
                 "the checkpoint does not match this run's engine (start epoch, "
-                "hooks, random generators or moving average). Delete it to "
-                "start afresh."
+                "hooks, random generators, moving average or gradient scaler). "
+                "Delete it to start afresh."
             )
         try:
             self.module.load_state_dict(state["module"])
@@ -651,6 +732,8 @@ class Engine:
                 f"the checkpoint's weights do not fit this model ({exc}). Delete "
                 "it to start afresh."
             ) from exc
+        if self.scaler is not None:  # its scale and growth tracker
+            self.scaler.load_state_dict(state["scaler"])
         for hook, hook_state in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)
         for g, g_state in zip(generators, state["generators"]):
@@ -738,7 +821,8 @@ class Engine:
             Write the training state there after every epoch. When its
             :meth:`~Checkpoint.read` found a checkpoint of this run, the
             run first restores that state (weights, optimiser, hooks, random
-            generators, early-stopping state, moving average, history) and
+            generators, early-stopping state, moving average, gradient
+            scaler, history) and
             continues from it; a finished one trains no further. In
             distributed training every process reads the file and only rank
             0 writes it; processes that read different checkpoints (e.g. a

@@ -23,7 +23,13 @@ class DiscriminatorHook(Hook):
     updates them with the model's gradients; after each model step the hook
     takes one step of its own optimiser on ``discriminator_loss()``. Because
     that loss sees detached codes, none of its gradient reaches the encoders.
-    The mean loss of each epoch is logged as ``discriminator``.
+    The mean loss of each epoch is logged as ``discriminator``. The hook
+    runs after the step, outside the engine's autocast, and
+    :class:`~neurovae.nn.ContrastiveVAEModule` stashes float32 codes: its
+    discriminator trains in float32 under every ``precision``, so it needs
+    no gradient scaler under "16" (the scaled
+    gradients the model's backward pass leaves on its parameters are
+    dropped before its own backward pass).
 
     In distributed training the discriminator trains on the codes of the
     whole global batch: the hook gathers ``module.last_codes`` (the tuple of
