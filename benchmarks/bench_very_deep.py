@@ -342,7 +342,10 @@ def print_header(info: dict, args: argparse.Namespace, max_iter: int) -> None:
     vae_desc = ", ".join(f"{k}={v!r}" for k, v in VAE_PARAMS.items())
     print(f"models: {vd_desc}  vs  VAE({vae_desc}, max_iter={max_iter}, ...)")
     if "VAE voxel-sd" in args.baselines:
-        print("         and the same VAE with likelihood_scale='feature' (VAE voxel-sd)")
+        print(
+            "         and the same VAE with likelihood_scale='feature' "
+            "(VAE voxel-sd)"
+        )
     print()
 
 
