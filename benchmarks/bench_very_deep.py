@@ -343,8 +343,7 @@ def print_header(info: dict, args: argparse.Namespace, max_iter: int) -> None:
     print(f"models: {vd_desc}  vs  VAE({vae_desc}, max_iter={max_iter}, ...)")
     if "VAE voxel-sd" in args.baselines:
         print(
-            "         and the same VAE with likelihood_scale='feature' "
-            "(VAE voxel-sd)"
+            "         and the same VAE with likelihood_scale='feature' (VAE voxel-sd)"
         )
     print()
 
