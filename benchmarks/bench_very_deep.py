@@ -62,9 +62,11 @@ Torch's thread count is the same for every fit (``--threads`` sets it;
 otherwise torch's default, set by e.g. ``OMP_NUM_THREADS``); it is printed
 and checked before each fit.
 
-Runtime: the fits dominate. With the defaults (3 seeds, 100 + 50 volumes,
-50 epochs of batch 64) expect about 20 minutes on 2 quiet cores: about 0.055
-s per volume and epoch for the VeryDeepVAE and 0.02-0.025 for the VAE.
+Runtime: the fits dominate. One seed with all baselines took about 15
+minutes on one thread of a 2-core VM with the earlier VeryDeepVAE default
+(``kernel_sizes=(1, 3, 3, 3)``); the current default costs more at the full
+grid (426 s for its fit beside other jobs, against 179 s quiet).
+``--baselines VAE`` leaves out the voxel-scale VAE.
 ``--seeds 0 --max-iter 2 --n-train 40 --n-test 10`` is a smoke test of
 about 20 s (its numbers mean nothing).
 
