@@ -141,7 +141,7 @@ class RecurrentVAE(BaseVAE):
         The trained torch module.
     transition_ : ndarray of shape (n_components, n_components)
         The fitted transition F (``h_t = h_(t-1) F^T`` + noise).
-    subject_effects_ : ndarray of shape (n_sequences_, n_components)
+    subject_effects_ : ndarray of shape (n_training_runs, n_components)
         The learned offsets of the training runs (only with
         ``subject_effects="table"``).
     history_ : dict of str to list
