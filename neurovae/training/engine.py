@@ -443,51 +443,34 @@ class Engine:
         """Mean of every loss term over ``batches``, in eval mode.
 
         Scheduled weights are set to their final values, so that the losses of
-        different epochs measure one objective.
+        different epochs measure one objective. Distributed, each process
+        evaluates its share of every batch and the sums are reduced over all
+        processes (a stand-in sample of an empty share counts for nothing).
         """
-        if self.distributed is not None:
-            return self._evaluate_distributed(batches)
+        shards = batches.shards() if self.distributed is not None else None
         was_training = self.module.training
         self.module.eval()
         self._set_schedules(None)
-        sums: dict[str, float] = {}
-        n_seen = 0
+        total, keys, n_seen = None, None, 0
         try:
             with self.averaged_weights():
-                for batch in batches:
+                for i, batch in enumerate(batches):
                     with autocast(self.device, self.config.precision):
                         out = self.module(batch)
-                    n = batch[0].shape[0]
-                    values = torch.stack([v.detach().float() for v in out.values()])
-                    for key, value in zip(out, values.tolist()):
-                        sums[key] = sums.get(key, 0.0) + value * n
+                    n = batch[0].shape[0] if shards is None else shards[i].n_local
+                    values = torch.stack([v.detach().double() for v in out.values()])
+                    values = values * n if n else torch.zeros_like(values)
+                    total = values if total is None else total + values
+                    keys = list(out)
                     n_seen += n
         finally:
             self.module.train(was_training)
-        return {key: value / n_seen for key, value in sums.items()}
-
-    def _evaluate_distributed(self, batches: Batches) -> dict[str, float]:
-        """:meth:`evaluate` over every process's share, summed over all."""
-        was_training = self.module.training
-        self.module.eval()
-        self._set_schedules(None)
-        total, keys = None, None
-        try:
-            with self.averaged_weights():
-                for batch, shard in zip(batches, batches.shards()):
-                    with autocast(self.device, self.config.precision):
-                        out = self.module(batch)
-                    values = torch.stack([v.detach().double() for v in out.values()])
-                    if shard.n_local == 0:  # a stand-in sample: weight 0
-                        values = torch.zeros_like(values)
-                    values = values * shard.n_local
-                    total = values if total is None else total + values
-                    keys = list(out)
-        finally:
-            self.module.train(was_training)
-        n_seen = sum(shard.n_local for shard in batches.shards())
+        if total is None:  # no batches
+            return {}
         packed = torch.cat([total, total.new_tensor([n_seen])])
-        packed = self.distributed.all_reduce(packed).tolist()
+        if self.distributed is not None:
+            packed = self.distributed.all_reduce(packed)
+        packed = packed.tolist()
         return {key: value / packed[-1] for key, value in zip(keys, packed)}
 
     def _train_epoch(self, batches: Batches) -> dict[str, float]:
