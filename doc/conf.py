@@ -1,6 +1,18 @@
-"""Sphinx configuration of the neurovae documentation."""
+"""Sphinx configuration of the neurovae documentation.
+
+Build with ``make -C doc html`` (warnings are errors); the pages land in
+``doc/_build/html``.
+"""
+
+import sys
+from pathlib import Path
 
 import neurovae
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "sphinxext"))
+
+from offline_inventories import intersphinx_mapping as _intersphinx  # noqa: E402
 
 project = "neurovae"
 author = "The neurovae developers"
@@ -11,19 +23,55 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
+    "sphinx.ext.intersphinx",
     "numpydoc",
+    "myst_parser",
     "sphinx_gallery.gen_gallery",
 ]
 
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = [
+    "_build",
+    "auto_examples/**/*.ipynb",
+    "auto_examples/**/*.py",
+    "auto_examples/**/*.zip",
+    "auto_examples/**/*.json",
+]
+
+# API reference: one page per public name (doc/api.rst lists them).
 autosummary_generate = True
 numpydoc_show_class_members = False
-exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py"]
+autodoc_default_options = {"inherited-members": False}
+
+# Links to the documentation of the libraries we build on. The published
+# inventories are tried first; without a network the build falls back to
+# inventories derived from the installed packages (doc/sphinxext).
+intersphinx_mapping = _intersphinx(HERE / "_build" / "inventories")
+intersphinx_timeout = 10
+
+# Markdown pages (benchmarks/README.md and CHANGELOG.md are included as they
+# are, so the figures live in one place).
+myst_heading_anchors = 3
 
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
     "download_all_examples": False,
+    "reference_url": {"neurovae": None},
+    "backreferences_dir": "generated/backreferences",
+    "doc_module": ("neurovae",),
+    "remove_config_comments": True,
+    "show_memory": False,
 }
 
-html_theme = "alabaster"
+html_theme = "pydata_sphinx_theme"
+html_title = f"neurovae {release}"
+html_theme_options = {
+    "navbar_align": "left",
+    "show_toc_level": 2,
+    "secondary_sidebar_items": ["page-toc"],
+    "footer_start": ["copyright"],
+    "footer_end": ["sphinx-version"],
+}
+html_sidebars = {"index": [], "install": [], "quickstart": [], "changelog": []}

@@ -30,6 +30,21 @@ import numpy as np
 import torch
 from nibabel.spatialimages import SpatialImage
 
+__all__ = [
+    "DataStatistics",
+    "ImageCollection",
+    "Preprocessing",
+    "VolumeDataset",
+    "check_mask",
+    "check_niimgs",
+    "check_runs",
+    "collate",
+    "is_niimg_like",
+    "load_volumes",
+    "same_grid_affine",
+    "to_img",
+]
+
 _AFFINE_ATOL = 1e-4  # affines closer than this (in mm) describe one grid
 
 

@@ -21,6 +21,8 @@ from neurovae.nn import VeryDeepVAEModule
 from neurovae.training import Constant, EngineConfig, Linear, Schedule
 from neurovae.vae import _COMMON_ATTRIBUTES, _TRAINING_PARAMETERS, _signature_defaults
 
+__all__ = ["VeryDeepVAE", "config_schema", "read_config"]
+
 _LISTS = (
     "channels",
     "channels_hidden",
