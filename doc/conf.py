@@ -40,8 +40,8 @@ exclude_patterns = [
 
 # API reference: one page per public name (doc/api.rst lists them).
 autosummary_generate = True
+templates_path = ["_templates"]
 numpydoc_show_class_members = False
-autodoc_default_options = {"inherited-members": False}
 
 # Links to the documentation of the libraries we build on. The published
 # inventories are tried first; without a network the build falls back to
@@ -74,4 +74,6 @@ html_theme_options = {
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
 }
-html_sidebars = {"index": [], "install": [], "quickstart": [], "changelog": []}
+html_sidebars = {
+    page: [] for page in ("index", "install", "quickstart", "benchmarks", "changelog")
+}

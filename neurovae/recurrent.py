@@ -848,9 +848,10 @@ array-like of shape (n_timepoints_i, n_components)
 
         Returns
         -------
-        X_forecast : ndarray of shape (n_sequences, n_steps, *frame_shape) \
+        X_forecast : ndarray of shape (n_sequences, n_steps, ...) \
 or list of Nifti1Image
-            Raw intensities in the dtype of ``X``; one 4-D image per run
+            Raw intensities in the dtype of ``X`` (``...``: the shape of one
+            frame); one 4-D image per run
             (time along the 4th axis) when fitted on images.
 
         Examples
@@ -897,9 +898,10 @@ or list of Nifti1Image
 
         Returns
         -------
-        X : ndarray of shape (n_samples, n_timepoints, *frame_shape) or \
+        X : ndarray of shape (n_samples, n_timepoints, ...) or \
 list of Nifti1Image
-            Raw intensities in the training dtype; one 4-D image per run
+            Raw intensities in the training dtype (``...``: the shape of one
+            frame); one 4-D image per run
             when fitted on images.
         """
         check_is_fitted(self)
