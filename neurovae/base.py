@@ -490,6 +490,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             batch_size=batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
+            generator=torch.Generator(),  # leaves torch's global generator alone
         )
         for (batch,) in loader:
             yield batch

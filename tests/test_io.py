@@ -497,3 +497,15 @@ def test_safe_format_keeps_a_mask_path(paths, mask, conv, tmp_path, one_thread):
     copy = load(tmp_path / "model.nvae")
     assert copy.mask_img == mask_path
     np.testing.assert_array_equal(copy.transform(paths), vae.transform(paths))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_streamed_input_leaves_the_global_generators_alone(paths, conv, num_workers):
+    # the DataLoaders over files draw their base seed from their own generator
+    torch.manual_seed(123)
+    before = torch.get_rng_state().clone()
+    est = VAE(**{**conv, "num_workers": num_workers}).fit(paths)
+    est.transform(paths)
+    est.reconstruction_error(paths)
+    est.score(paths)
+    assert torch.equal(torch.get_rng_state(), before)

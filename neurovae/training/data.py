@@ -360,6 +360,9 @@ class DatasetBatches:
             collate_fn=collate_fn,
             pin_memory=pin,
             persistent_workers=num_workers > 0,
+            # the loader draws its workers' base seed from this generator
+            # instead of torch's global one (ours read files, draw nothing)
+            generator=torch.Generator(),
         )
 
     def __len__(self) -> int:
