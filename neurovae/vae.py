@@ -116,9 +116,10 @@ _TRAINING_PARAMETERS = """
         error, never loaded: delete the file or use another directory (one
         per fit, e.g. per cross-validation fold). With ``warm_start=True``
         on a fitted model, the checkpoint follows the continued training: it
-        replaces the checkpoint of a finished earlier fit (an unfinished one
-        is an error), and a continuation killed midway resumes when the same
-        fitted model is fitted again. None writes no checkpoint. In
+        replaces the finished checkpoint that ended with the model's weights,
+        even if training parameters such as ``max_iter`` changed (an
+        unfinished one is an error), and a continuation killed midway resumes
+        when the same fitted model is fitted again. None writes no checkpoint. In
         distributed training only rank 0 writes it, and every rank resumes
         from it.
     distributed : {"auto", True, False}, default="auto"

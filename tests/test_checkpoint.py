@@ -678,3 +678,25 @@ def test_a_file_in_place_of_the_directory_fails_before_training(flat, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError):
         VAE(**MLP, checkpoint_dir=tmp_path / "file").fit(flat)
+
+
+def test_warm_start_with_other_parameters_replaces_the_finished_checkpoint(
+    flat, tmp_path
+):
+    """Training a fitted model further with more epochs (or another learning
+    rate) continues it: its own finished checkpoint is replaced, not refused;
+    another model's checkpoint still is."""
+    est = VAE(**dict(MLP, random_state=0, checkpoint_dir=tmp_path)).fit(flat)
+    reference = VAE(**dict(MLP, random_state=0)).fit(flat)
+    reference.set_params(warm_start=True, max_iter=3, learning_rate_init=1e-4)
+    est.set_params(warm_start=True, max_iter=3, learning_rate_init=1e-4)
+    assert_same_fit(est.fit(flat), reference.fit(flat))
+    assert est.n_iter_ == MLP["max_iter"] + 3
+    # the file now holds the continuation: fitting the model again continues
+    # it again (a new start), while a cold fit of the first settings is refused
+    with pytest.raises(CheckpointError, match="another fit"):
+        VAE(**dict(MLP, random_state=0, checkpoint_dir=tmp_path)).fit(flat)
+    other = VAE(**dict(MLP, random_state=1)).fit(flat)
+    other.set_params(warm_start=True, max_iter=3, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="another fit"):
+        other.fit(flat)  # a different model's weights: not a continuation

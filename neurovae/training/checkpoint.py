@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from neurovae._fingerprint import state_digest
+
 MAGIC = b"NEUROVAE-CHECKPOINT"
 FORMAT_VERSION = 1
 _HEADER_MAX = 256  # the two header lines are far shorter
@@ -157,7 +159,12 @@ class Checkpoint:
         continues from). A checkpoint of a *finished* run with an equal
         fingerprint but another start is replaced rather than refused: the
         new run continues from elsewhere and nothing of the old one is mixed
-        in. An unfinished one is refused.
+        in. An unfinished one is refused. With a ``"weights"`` entry (the
+        :func:`~neurovae._fingerprint.state_digest` of the weights the run
+        starts from), a finished run that *ended* with those weights is
+        replaced even when its fingerprint differs: the new run continues
+        that very model, for example a warm start with more epochs or another
+        learning rate.
     metadata : dict, optional
         JSON-serialisable values stored with the state for the caller (e.g.
         a random seed); after :meth:`read` resumes, those of the file.
@@ -321,6 +328,8 @@ class Checkpoint:
         if not isinstance(complete, bool) or not isinstance(content["state"], dict):
             raise self._refuse("holds invalid entries and was not loaded")
         differences = _differences(saved, self.fingerprint)
+        if differences and complete and self._continues(content["state"]):
+            return False  # the finished fit this run continues: replaced
         if differences:
             raise CheckpointError(
                 f"{self.path} was written by another fit and is not used: "
@@ -340,6 +349,16 @@ class Checkpoint:
             )
         self.state, self.complete, self.metadata = content["state"], complete, metadata
         return True
+
+    def _continues(self, state: dict) -> bool:
+        """Whether this run starts from the final weights of ``state``."""
+        weights = self.start.get("weights")
+        if weights is None:
+            return False
+        final = state.get("snapshot")  # the kept weights, when they differ
+        if final is None:
+            final = state.get("module")
+        return isinstance(final, dict) and state_digest(final) == weights
 
     # -- writing -----------------------------------------------------------
     def _temporary_prefix(self) -> str:
