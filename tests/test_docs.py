@@ -89,3 +89,45 @@ def test_root_toctree_pages_exist():
         if page.startswith("auto_examples/"):
             continue  # written by sphinx-gallery at build time
         assert any((DOC / f"{page}{ext}").is_file() for ext in (".rst", ".md")), page
+
+
+def test_offline_inventories(tmp_path, monkeypatch):
+    # the fallback intersphinx inventories of doc/sphinxext: Sphinx's format
+    # (a 4-line header, then zlib), one line per name with its page and anchor
+    import zlib
+
+    monkeypatch.syspath_prepend(str(DOC / "sphinxext"))
+    offline_inventories = importlib.import_module("offline_inventories")
+    mapping = offline_inventories.intersphinx_mapping(tmp_path)
+    assert set(mapping) == {"sklearn", "nilearn", "nibabel", "numpy", "torch"}
+    root, (online, local) = mapping["sklearn"]
+    assert root == "https://scikit-learn.org/stable/" and online is None
+    raw = Path(local).read_bytes()
+    header = raw.split(b"\n", 4)
+    assert header[0] == b"# Sphinx inventory version 2"
+    assert b"zlib" in header[3]
+    lines = zlib.decompress(header[4]).decode().splitlines()
+    assert (
+        "sklearn.pipeline.Pipeline py:class 1 modules/generated/"
+        "sklearn.pipeline.Pipeline.html#sklearn.pipeline.Pipeline -"
+    ) in lines
+    assert any(
+        line.startswith("sklearn.pipeline.Pipeline.fit py:method") for line in lines
+    )
+
+    def entries(project):
+        text = Path(mapping[project][1][1]).read_bytes().split(b"\n", 4)[4]
+        return {
+            line.split(" ")[0]: line
+            for line in zlib.decompress(text).decode().splitlines()
+        }
+
+    assert entries("nibabel")["nibabel.Nifti1Image"].endswith(
+        "reference/nibabel.nifti1.html#nibabel.nifti1.Nifti1Image -"
+    )
+    assert (
+        "generated/torch.nn.Module.html#torch.nn.Module"
+        in entries("torch")["torch.nn.Module"]
+    )
+    assert "nilearn.maskers.NiftiMasker" in entries("nilearn")
+    assert "numpy.ndarray" in entries("numpy")
