@@ -95,16 +95,21 @@ print(
 )
 
 # %%
-# A sampled control and a sampled patient from the files, drawn from the
-# same latent code: the patient model adds a salient code to it. Through the
-# centre of the atrophy, the sampled patient has less grey matter around the
-# left hippocampus.
+# A sampled control and a sampled patient, read from the files and shown
+# with nilearn, through the centre of the simulated atrophy. They are decoded
+# from the same latent draw, the patient with a salient code added, so they
+# share their anatomy. The salient code of a sample is drawn at random too,
+# so a sampled patient may be a mild or a severe case, and at this scale the
+# two look alike. The healthy twins below show where the model puts the
+# difference between patients and controls.
+controls_file = folder / "samples_background.nii.gz"
+patients_file = folder / "samples_target.nii.gz"
 fig, axes = plt.subplots(2, 1, figsize=(7, 4.6))
-for ax, group, title in zip(
-    axes, ("background", "target"), ("sampled control", "sampled patient")
+for ax, path, title in zip(
+    axes, (controls_file, patients_file), ("sampled control", "sampled patient")
 ):
     plotting.plot_img(
-        image.index_img(folder / f"samples_{group}.nii.gz", 0),
+        image.index_img(path, 0),
         cut_coords=truth["effect_center"],
         cmap="gray",
         vmin=0,
@@ -148,10 +153,11 @@ print(f"correlation with the true atrophy, median over patients: {np.median(r):.
 print(f"mean |patient - twin|, most atrophied 10 % of the mask / rest: {ratio:.1f}")
 
 # %%
-# One patient, its healthy twin, and the loss the model attributes to the
-# disease, next to the true atrophy, all through the atrophy centre. The
-# twin looks like the patient except around the left hippocampus, where it
-# has the grey matter the patient lost.
+# One patient (the one whose map matches the truth best), its healthy twin,
+# and the loss the model attributes to the disease, next to the true
+# atrophy, all through the atrophy centre. The twin looks like the patient
+# except around the left hippocampus, where it has the grey matter the
+# patient lost.
 i = int(np.argmax(r))
 patient_img = image.index_img(cvae.reconstruct(patients), i)
 fig, axes = plt.subplots(4, 1, figsize=(7, 9))
@@ -174,7 +180,7 @@ for ax, img, title in zip(
 for ax, img, title in zip(
     axes[2:],
     (image.math_img("-d", d=image.index_img(differences, i)), truth["atrophy_map"]),
-    (f"twin - patient (r = {r[i]:.2f})", "true atrophy map"),
+    (f"twin - reconstruction (r = {r[i]:.2f})", "true atrophy map"),
 ):
     plotting.plot_stat_map(
         img,
