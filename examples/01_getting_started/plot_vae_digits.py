@@ -30,7 +30,7 @@ X_train, X_test, y_train, y_test = train_test_split(
 # Fit both models. The VAE uses its defaults (an MLP encoder and decoder and
 # a Gaussian likelihood whose scale is learned).
 vae = VAE(n_components=8, random_state=0).fit(X_train)
-pca = PCA(n_components=8).fit(X_train)
+pca = PCA(n_components=8, random_state=0).fit(X_train)
 
 for name, model in [("VAE", vae), ("PCA", pca)]:
     recon = model.inverse_transform(model.transform(X_test))

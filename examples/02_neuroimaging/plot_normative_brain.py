@@ -16,7 +16,8 @@ intensity changes per subject, so nothing is downloaded.
 # %%
 # Data: 70 controls and 20 patients on an 8 mm grid, with the grey-matter
 # mask and the true atrophy map. The images are written to disk, as a study's
-# would be; the model reads them lazily.
+# would be, in a temporary folder that is removed at the end; the model reads
+# them lazily.
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,8 @@ imgs, y, truth = make_brain_population(
     90, resolution=8, effect=0.5, effect_fwhm=40.0, n_patients=20, random_state=0
 )
 mask = truth["mask"]
-folder = Path(tempfile.mkdtemp())
+tmp = tempfile.TemporaryDirectory()
+folder = Path(tmp.name)
 paths = []
 for i, img in enumerate(imgs):
     paths.append(folder / f"sub-{i:02d}_gm.nii.gz")
@@ -103,4 +105,5 @@ plotting.plot_stat_map(
 # The model is generative: brains drawn from the prior, as NIfTI images.
 samples = vae.sample(10, random_state=0)
 plot_samples(samples, n_cols=5)
+tmp.cleanup()
 plt.show()
