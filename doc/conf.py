@@ -58,6 +58,9 @@ sphinx_gallery_conf = {
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
     "download_all_examples": False,
+    # topic folders sort by name (01_, 02_, ...); examples within one by file
+    # name, so the quick start comes first
+    "within_subsection_order": "FileNameSortKey",
     "reference_url": {"neurovae": None},
     "backreferences_dir": "generated/backreferences",
     "doc_module": ("neurovae",),

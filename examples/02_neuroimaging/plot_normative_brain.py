@@ -14,7 +14,7 @@ intensity changes per subject, so nothing is downloaded.
 """
 
 # %%
-# Data: 70 controls and 20 patients on an 8 mm grid, with the grey-matter
+# Data: 70 controls and 20 patients on a 10 mm grid, with the grey-matter
 # mask and the true atrophy map. The images are written to disk, as a study's
 # would be, in a temporary folder that is removed at the end; the model reads
 # them lazily.
@@ -33,7 +33,7 @@ from neurovae.metrics import psnr, ssim
 from neurovae.plotting import plot_history, plot_reconstruction, plot_samples
 
 imgs, y, truth = make_brain_population(
-    90, resolution=8, effect=0.5, effect_fwhm=40.0, n_patients=20, random_state=0
+    90, resolution=10, effect=0.5, effect_fwhm=40.0, n_patients=20, random_state=0
 )
 mask = truth["mask"]
 tmp = tempfile.TemporaryDirectory()
