@@ -15,6 +15,8 @@ The brains come from :func:`neurovae.datasets.make_brain_population`
 subject), so nothing is downloaded.
 """
 
+# sphinx_gallery_thumbnail_number = 2
+
 # %%
 # Data
 # ----

@@ -13,6 +13,8 @@ bundled MNI152 grey-matter template with smooth random deformations and
 intensity changes per subject, so nothing is downloaded.
 """
 
+# sphinx_gallery_thumbnail_number = 3
+
 # %%
 # Data: 70 controls and 20 patients on a 10 mm grid, with the grey-matter
 # mask and the true atrophy map. The images are written to disk, as a study's
