@@ -100,23 +100,14 @@ print(f"held-out MSE: VAE {mse_vae:.4f}, mean training image {mse_mean:.4f}")
 # %%
 # The masker maps rows of voxels back to images, so a reconstruction can be
 # shown next to the subject it comes from.
-display = plotting.plot_img(
-    masker.inverse_transform(X_test[0]),
-    cut_coords=truth["effect_center"],
-    title="a held-out subject",
-    cmap="gray",
-    vmin=0,
-    vmax=1.2,
-    draw_cross=False,
+show = dict(
+    cut_coords=truth["effect_center"], cmap="gray", vmin=0, vmax=1.2, draw_cross=False
 )
-display = plotting.plot_img(
-    masker.inverse_transform(X_rec[0]),
-    cut_coords=truth["effect_center"],
-    title="its reconstruction",
-    cmap="gray",
-    vmin=0,
-    vmax=1.2,
-    draw_cross=False,
+plotting.plot_img(
+    masker.inverse_transform(X_test[0]), title="a held-out subject", **show
+)
+plotting.plot_img(
+    masker.inverse_transform(X_rec[0]), title="its reconstruction", **show
 )
 
 # %%
@@ -135,14 +126,8 @@ print(
     f"ELBO per subject: training {vae.score(X_train):.0f} nats, "
     f"held out {vae.score(X_test):.0f} nats"
 )
-display = plotting.plot_img(
-    masker.inverse_transform(samples[0]),
-    cut_coords=truth["effect_center"],
-    title="a subject drawn from the model",
-    cmap="gray",
-    vmin=0,
-    vmax=1.2,
-    draw_cross=False,
+plotting.plot_img(
+    masker.inverse_transform(samples[0]), title="a subject drawn from the model", **show
 )
 
 # %%
