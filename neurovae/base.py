@@ -485,14 +485,13 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _image_batches(self, images: ImageCollection, batch_size: int, prep=None):
         """Batches of ``images`` in order, read by ``num_workers`` workers."""
-        loader = torch.utils.data.DataLoader(
+        batches = DatasetBatches(
             VolumeDataset(images, self._sample_shape, prep),
-            batch_size=batch_size,
+            batch_size,
             num_workers=self.num_workers,
             collate_fn=collate,
-            generator=torch.Generator(),  # leaves torch's global generator alone
         )
-        for (batch,) in loader:
+        for (batch,) in batches:
             yield batch
 
     def _raw_batches(self, X):
