@@ -102,26 +102,22 @@ def test_offline_inventories(tmp_path, monkeypatch):
     assert set(mapping) == {"sklearn", "nilearn", "nibabel", "numpy", "torch"}
     root, (online, local) = mapping["sklearn"]
     assert root == "https://scikit-learn.org/stable/" and online is None
-    raw = Path(local).read_bytes()
-    header = raw.split(b"\n", 4)
-    assert header[0] == b"# Sphinx inventory version 2"
-    assert b"zlib" in header[3]
-    lines = zlib.decompress(header[4]).decode().splitlines()
-    assert (
-        "sklearn.pipeline.Pipeline py:class 1 modules/generated/"
-        "sklearn.pipeline.Pipeline.html#sklearn.pipeline.Pipeline -"
-    ) in lines
-    assert any(
-        line.startswith("sklearn.pipeline.Pipeline.fit py:method") for line in lines
-    )
 
     def entries(project):
-        text = Path(mapping[project][1][1]).read_bytes().split(b"\n", 4)[4]
-        return {
-            line.split(" ")[0]: line
-            for line in zlib.decompress(text).decode().splitlines()
-        }
+        *header, body = Path(mapping[project][1][1]).read_bytes().split(b"\n", 4)
+        assert header[0] == b"# Sphinx inventory version 2"
+        assert b"zlib" in header[3]
+        lines = zlib.decompress(body).decode().splitlines()
+        return {line.split(" ")[0]: line for line in lines}
 
+    sklearn = entries("sklearn")
+    assert sklearn["sklearn.pipeline.Pipeline"] == (
+        "sklearn.pipeline.Pipeline py:class 1 modules/generated/"
+        "sklearn.pipeline.Pipeline.html#sklearn.pipeline.Pipeline -"
+    )
+    assert sklearn["sklearn.pipeline.Pipeline.fit"].startswith(
+        "sklearn.pipeline.Pipeline.fit py:method"
+    )
     assert entries("nibabel")["nibabel.Nifti1Image"].endswith(
         "reference/nibabel.nifti1.html#nibabel.nifti1.Nifti1Image -"
     )

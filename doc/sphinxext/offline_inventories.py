@@ -154,12 +154,6 @@ def _public_names(module) -> list[str]:
 
 
 def _entries(module_name: str, pattern: str):
-    with warnings.catch_warnings():  # deprecated aliases warn on access
-        warnings.simplefilter("ignore")
-        yield from list(_module_entries(module_name, pattern))
-
-
-def _module_entries(module_name: str, pattern: str):
     module = importlib.import_module(module_name)
     for name in _public_names(module):
         try:
@@ -202,8 +196,10 @@ def intersphinx_mapping(outdir: Path) -> dict:
     mapping = {}
     for project, (root, modules) in PROJECTS.items():
         entries = list(EXTRA.get(project, ()))
-        for module_name, pattern in modules:
-            entries.extend(_entries(module_name, pattern))
+        with warnings.catch_warnings():  # deprecated aliases warn on access
+            warnings.simplefilter("ignore")
+            for module_name, pattern in modules:
+                entries.extend(_entries(module_name, pattern))
         version = getattr(importlib.import_module(project), "__version__", "")
         path = outdir / f"{project}.inv"
         _write(path, project, version, entries)
