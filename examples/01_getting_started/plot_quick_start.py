@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from nilearn import plotting
 from nilearn.maskers import NiftiMasker
+from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
@@ -139,14 +140,7 @@ plotting.plot_img(
 # patients from the controls among the held-out images. Chance is 0.5.
 pipe = make_pipeline(
     NiftiMasker(mask_img=truth["mask"], standardize=None),
-    VAE(
-        n_components=4,
-        hidden_layer_sizes=(128,),
-        batch_size=16,
-        learning_rate_init=3e-3,
-        max_iter=100,
-        random_state=0,
-    ),
+    clone(vae),  # the same settings, unfitted
     LogisticRegression(max_iter=1000),
 )
 imgs_train, imgs_test, y_train, y_test = train_test_split(

@@ -104,21 +104,19 @@ print(
 # difference between patients and controls.
 controls_file = folder / "samples_background.nii.gz"
 patients_file = folder / "samples_target.nii.gz"
+show = dict(
+    cut_coords=truth["effect_center"],
+    cmap="gray",
+    vmin=0,
+    vmax=1.2,
+    draw_cross=False,
+    annotate=False,
+)
 fig, axes = plt.subplots(2, 1, figsize=(7, 4.6))
 for ax, path, title in zip(
     axes, (controls_file, patients_file), ("sampled control", "sampled patient")
 ):
-    plotting.plot_img(
-        image.index_img(path, 0),
-        cut_coords=truth["effect_center"],
-        cmap="gray",
-        vmin=0,
-        vmax=1.2,
-        title=title,
-        axes=ax,
-        draw_cross=False,
-        annotate=False,
-    )
+    plotting.plot_img(image.index_img(path, 0), title=title, axes=ax, **show)
 
 # %%
 # Healthy twins, saved and read back
@@ -166,17 +164,7 @@ for ax, img, title in zip(
     (patient_img, image.index_img(twins, i)),
     ("a patient (reconstruction)", "its healthy twin"),
 ):
-    plotting.plot_img(
-        img,
-        cut_coords=truth["effect_center"],
-        cmap="gray",
-        vmin=0,
-        vmax=1.2,
-        title=title,
-        axes=ax,
-        draw_cross=False,
-        annotate=False,
-    )
+    plotting.plot_img(img, title=title, axes=ax, **show)
 for ax, img, title in zip(
     axes[2:],
     (image.math_img("-d", d=image.index_img(differences, i)), truth["atrophy_map"]),
