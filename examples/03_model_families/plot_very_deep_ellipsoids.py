@@ -139,10 +139,13 @@ fig.tight_layout()
 # show what the hierarchy has learned: decoded from their posteriors, the
 # ellipsoids come back in place and at roughly their size, dimmer and blocky
 # (the kernel at the full grid is 1 here). What the samples lack is the right *prior*
-# for the coarsest groups: with a few hundred training volumes, their
-# posteriors occupy a region much narrower than the standard normal prior
-# of the top group, and draws from that prior land where the decoder has
-# seen no data (the benchmarks page of the documentation gives the figures).
+# for the coarsest groups. Dimension by dimension, the top group's
+# posteriors fill its standard normal prior; jointly they do not: what
+# places the ellipsoid is spread thinly over hundreds of latent dimensions,
+# along a few correlated directions in which the training volumes spread
+# wider than the prior. A diagonal N(0, I) has no such directions, so its
+# draws under-express them (the benchmarks page of the documentation gives
+# the figures).
 n = 8
 rows = {
     "held-out volumes": X_test[:n],
