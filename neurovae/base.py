@@ -205,6 +205,13 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """Engine hooks of this model family."""
         return []
 
+    def _after_training(self, module: nn.Module, train_data, device, context) -> None:
+        """Fit what is fitted to the trained weights (nothing by default).
+
+        Called once the engine has finished, with the kept weights in
+        ``module``, the training split and the distributed context.
+        """
+
     # ------------------------------------------------------------------
     # shared building blocks
     # ------------------------------------------------------------------
@@ -903,6 +910,7 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         result = engine.fit(
             train, val, history=history, start_epoch=n_done, checkpoint=checkpoint
         )
+        self._after_training(module, train_data, device, context)
         self.module_ = module
         self.history_ = result.history
         self.n_iter_ = n_done + result.n_epochs

@@ -374,6 +374,96 @@ class TopDownBlock3d(nn.Module):
         return h, group
 
 
+class _GlobalLatent(nn.Module):
+    """A global latent vector above the coarsest grid.
+
+    Its posterior comes from the coarsest encoder activation (flattened, one
+    linear layer); a draw is mapped by a second linear layer to a volume
+    added to the learned constant that starts the top-down state, so that the
+    first spatial group already knows where things are. Its prior is
+    ``N(prior_mean, prior_scale_tril @ prior_scale_tril.T)``: the standard
+    normal until :meth:`fit_prior` replaces it by the Gaussian that best fits
+    the training posteriors.
+
+    Parameters
+    ----------
+    n_features : int
+        Size of the coarsest encoder activation and of the top-down state
+        (``channels * x * y * z`` at the coarsest resolution).
+    dim : int
+        Dimension of the latent vector.
+    """
+
+    def __init__(self, n_features: int, dim: int) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.posterior = nn.Linear(n_features, 2 * self.dim)
+        self.proj = nn.Linear(self.dim, n_features)
+        self.register_buffer("prior_mean", torch.zeros(self.dim))
+        self.register_buffer("prior_scale_tril", torch.eye(self.dim))
+
+    def posterior_params(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q_mean, q_logstd)`` of q(z | coarsest encoder activation)."""
+        q_mean, q_logstd = self.posterior(act.flatten(1)).chunk(2, dim=1)
+        return q_mean, q_logstd.clamp(LOGSTD_MIN, LOGSTD_MAX)
+
+    def kl(self, q_mean: torch.Tensor, q_logstd: torch.Tensor) -> torch.Tensor:
+        """KL(q || prior) per sample, for a diagonal q and the full prior."""
+        dtype = torch.promote_types(q_mean.dtype, torch.float32)
+        tril = self.prior_scale_tril.to(dtype)
+        q_mean, q_logstd = q_mean.to(dtype), q_logstd.to(dtype)
+        # L^-1 (m - mu) and L^-1 diag(s): Mahalanobis distance and trace term
+        diff = torch.linalg.solve_triangular(
+            tril, (q_mean - self.prior_mean.to(dtype)).T, upper=False
+        )
+        spread = torch.linalg.solve_triangular(
+            tril, torch.diag_embed(torch.exp(q_logstd)), upper=False, left=True
+        )
+        log_det = 2.0 * torch.log(torch.diagonal(tril)).sum()
+        return 0.5 * (
+            spread.pow(2).sum(dim=(1, 2))
+            + diff.pow(2).sum(dim=0)
+            - self.dim
+            + log_det
+            - 2.0 * q_logstd.sum(dim=1)
+        )
+
+    def prior_draw(
+        self, n: int, noise: Noise | None, temperature: float
+    ) -> torch.Tensor:
+        """``n`` draws from the prior (its mean without ``noise`` or at T=0)."""
+        z = self.prior_mean.expand(n, self.dim)
+        if noise is not None and temperature != 0:
+            eps = noise((n, self.dim)).to(z.dtype)
+            z = z + temperature * eps @ self.prior_scale_tril.to(z.dtype).T
+        return z
+
+    @torch.no_grad()
+    def fit_prior(self, n: float, total: torch.Tensor, outer: torch.Tensor,
+                  variance: torch.Tensor) -> None:
+        """Set the prior to the Gaussian closest to the training posteriors.
+
+        The maximum-likelihood Gaussian of the aggregate posterior (the
+        mixture of the posteriors of ``n`` training samples): its mean is
+        the mean of the posterior means (``total / n``) and its covariance
+        the covariance of the means (from ``outer``, the sum of their outer
+        products) plus the average posterior variance (``variance / n``,
+        the sum of the variances).
+        """
+        mean = total / n
+        cov = outer / n - torch.outer(mean, mean) + torch.diag(variance / n)
+        cov = 0.5 * (cov + cov.T) + 1e-6 * torch.eye(self.dim, dtype=cov.dtype,
+                                                     device=cov.device)
+        self.prior_mean.copy_(mean)
+        self.prior_scale_tril.copy_(torch.linalg.cholesky(cov))
+
+    @torch.no_grad()
+    def reset_prior(self) -> None:
+        """Back to the standard normal prior."""
+        self.prior_mean.zero_()
+        self.prior_scale_tril.copy_(torch.eye(self.dim))
+
+
 def _as_list(name: str, values, n: int | None) -> list[int]:
     values = [int(v) for v in (values if isinstance(values, Sequence) else [values])]
     if n is not None and len(values) != n:
@@ -495,6 +585,7 @@ class VeryDeepVAEModule(nn.Module):
         out_channels: int | None = None,
         activation: str = "gelu",
         gradient_checkpointing: bool = False,
+        global_latent_dim: int = 0,
     ) -> None:
         super().__init__()
         channels = _as_list("channels", channels, None)
@@ -523,6 +614,8 @@ class VeryDeepVAEModule(nn.Module):
             raise ValueError(
                 f"n_blocks_per_resolution must be >= 1, got {n_blocks_per_resolution}"
             )
+        if global_latent_dim < 0:
+            raise ValueError(f"global_latent_dim must be >= 0, got {global_latent_dim}")
         input_shape = tuple(int(s) for s in input_shape)
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (x, y, z), got {input_shape}")
@@ -544,12 +637,14 @@ class VeryDeepVAEModule(nn.Module):
         input_shape = padded
         self.shapes = [tuple(s // 2**r for s in input_shape) for r in range(n)]
         self.n_resolutions = n
-        self.level_of_group = [
-            r for r in reversed(range(n)) for _ in range(n_latents[r])
-        ]
+        spatial = [r for r in reversed(range(n)) for _ in range(n_latents[r])]
+        self.global_latent_dim = int(global_latent_dim)
+        # the global latent counts as level n: one above the coarsest grid
+        has_global = self.global_latent_dim > 0
+        self.level_of_group = [n] * has_global + spatial
         self.n_latent_groups = len(self.level_of_group)
-        self.latent_shapes = [
-            (per_latent[r], *self.shapes[r]) for r in self.level_of_group
+        self.latent_shapes = [(self.global_latent_dim,)] * has_global + [
+            (per_latent[r], *self.shapes[r]) for r in spatial
         ]
         out_channels = self.in_channels if out_channels is None else int(out_channels)
 
@@ -582,7 +677,14 @@ class VeryDeepVAEModule(nn.Module):
 
         # Top-down decoder, indexed by resolution like the encoder.
         self.h_top = nn.Parameter(torch.zeros(1, channels[-1], *self.shapes[-1]))
-        top = max(r for r in range(n) if n_latents[r])  # holds the first group
+        self.global_latent = (
+            _GlobalLatent(channels[-1] * math.prod(self.shapes[-1]), global_latent_dim)
+            if has_global
+            else None
+        )
+        # the first spatial group has the standard normal prior, unless the
+        # global latent is above it
+        top = -1 if has_global else max(r for r in range(n) if n_latents[r])
         self.dec_groups = nn.ModuleList(
             nn.ModuleList(
                 TopDownBlock3d(
@@ -614,6 +716,7 @@ class VeryDeepVAEModule(nn.Module):
         self.generator: torch.Generator | None = None
         self.eval_seed = 0
         self.beta = 1.0
+        self.spatial_open = 1.0
         self.gradient_checkpointing = gradient_checkpointing
 
     # -- configuration -----------------------------------------------------
@@ -718,6 +821,15 @@ class VeryDeepVAEModule(nn.Module):
                 )
         h = self.h_top.expand(n, *self.h_top.shape[1:])
         groups: list[dict[str, torch.Tensor]] = []
+        if self.global_latent is not None:
+            group = self._global_group(n, acts, zs[0] if zs else None, noise, temperature)
+            groups.append(group)
+            h = h + self.global_latent.proj(group["z"].to(h.dtype)).view(h.shape)
+        # while closed (the start of training), the spatial groups take their
+        # prior means: all the information goes through the global latent
+        closed = (
+            self.training and self.spatial_open < 1 and self.global_latent is not None
+        )
         for r in reversed(range(self.n_resolutions)):
             if r < self.n_resolutions - 1:
                 h = F.interpolate(self.dec_up[r](h), scale_factor=2, mode="nearest")
@@ -725,11 +837,17 @@ class VeryDeepVAEModule(nn.Module):
                 g = len(groups)
                 h, group = block(
                     h,
-                    None if acts is None else acts[r],
+                    None if acts is None or closed else acts[r],
                     z=zs[g] if g < len(zs) else None,
-                    noise=noise,
+                    noise=None if closed else noise,
                     temperature=temperature,
                 )
+                if closed and acts is not None:  # no information, no KL
+                    group.update(
+                        q_mean=group["z"],
+                        q_logstd=group["p_logstd"],
+                        kl=h.new_zeros((n,), dtype=torch.float32),
+                    )
                 groups.append(group)
             for block in self.dec_blocks[r]:
                 h = block(h)
@@ -737,6 +855,58 @@ class VeryDeepVAEModule(nn.Module):
         if any(self._pad):
             out = out[(slice(None), slice(None), *self._crop)]
         return out, groups
+
+    def _global_group(self, n, acts, z, noise, temperature) -> dict:
+        """The global latent's group dict (as :class:`TopDownBlock3d`'s)."""
+        glob = self.global_latent
+        p_mean = glob.prior_mean.expand(n, glob.dim)
+        tril = glob.prior_scale_tril.expand(n, glob.dim, glob.dim)
+        group = {"p_mean": p_mean, "p_scale_tril": tril}
+        if acts is not None:
+            q_mean, q_logstd = glob.posterior_params(acts[-1])
+            if z is None:
+                z = q_mean
+                if noise is not None:
+                    z = z + torch.exp(q_logstd) * noise(tuple(q_mean.shape))
+            group.update(q_mean=q_mean, q_logstd=q_logstd)
+            group["kl"] = glob.kl(q_mean, q_logstd)
+        elif z is None:
+            z = glob.prior_draw(n, noise, temperature)
+        group["z"] = z
+        return group
+
+    @torch.no_grad()
+    def fit_global_prior(self, batches, all_reduce=None) -> None:
+        """Fit the global latent's prior to the posteriors of ``batches``.
+
+        ``batches`` yields tuples whose first entry is a batch of volumes;
+        ``all_reduce`` (optional) sums a tensor over processes, so that every
+        process fits the same prior to the whole training set. See
+        :meth:`_GlobalLatent.fit_prior`.
+        """
+        glob = self.global_latent
+        if glob is None:
+            raise ValueError("this model has no global latent")
+        dim, device = glob.dim, self._device()
+        # n, sum of means, sum of outer products, sum of variances: float64
+        stats = torch.zeros(1 + dim + dim * dim + dim, dtype=torch.float64,
+                            device=device)
+        for batch in batches:
+            q_mean, q_logstd = glob.posterior_params(self.bottom_up(batch[0])[-1])
+            q_mean, var = q_mean.double(), torch.exp(2 * q_logstd.double())
+            stats += torch.cat([
+                q_mean.new_tensor([len(q_mean)]),
+                q_mean.sum(0),
+                (q_mean.T @ q_mean).flatten(),
+                var.sum(0),
+            ])
+        if all_reduce is not None:
+            all_reduce(stats)
+        n = float(stats[0])
+        if n < 2:
+            raise ValueError("fitting the global prior needs at least 2 samples")
+        total, outer, variance = stats[1:].split([dim, dim * dim, dim])
+        glob.fit_prior(n, total, outer.view(dim, dim), variance)
 
     # -- the VAE protocol --------------------------------------------------
     def latent_distributions(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -770,6 +940,8 @@ class VeryDeepVAEModule(nn.Module):
         levels = torch.tensor(self.level_of_group, device=kl.device)
         for r in range(self.n_resolutions):
             out[f"kl_level{r}"] = kl_mean[levels == r].sum()
+        if self.global_latent is not None:
+            out["kl_global"] = kl_mean[0]
         return out
 
     def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
