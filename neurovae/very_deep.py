@@ -614,6 +614,15 @@ class VeryDeepVAE(BaseVAE):
     # ------------------------------------------------------------------
     def _check_data(self, X, stats) -> None:
         name = type(self).__name__
+        if self.global_latent_dim and self.global_only_iter >= self._param("max_iter"):
+            warnings.warn(
+                f"{name}: global_only_iter={self.global_only_iter} is not below "
+                f"max_iter={self._param('max_iter')}: the spatial latent groups "
+                "never open and only the global latent is trained. Lower "
+                "global_only_iter (0 opens them from the start).",
+                UserWarning,
+                stacklevel=3,
+            )
         if len(self.input_shape_) not in (3, 4):
             raise ValueError(
                 f"{name} needs volumes: a 4-D array (n_samples, x, y, z), a 5-D "

@@ -292,3 +292,73 @@ def test_any_input_shape_is_padded_and_cropped():
     assert vae._crop == (slice(1, 10), slice(1, 11), slice(0, 3))
     with pytest.raises(ValueError, match=r"\(x, y, z\)"):
         make_vae(shape=(16, 16))
+
+
+# ---------------------------------------------------------------------------
+# the global latent
+# ---------------------------------------------------------------------------
+def test_global_latent_bookkeeping_and_priors():
+    vae = make_vae(global_latent_dim=5)
+    assert vae.latent_shapes[0] == (5,) and vae.level_of_group[0] == 3
+    assert vae.n_latent_groups == 5
+    # the first spatial group gets a learned prior head below the global latent
+    assert all(b.prior is not None for res in vae.dec_groups for b in res)
+    out = vae.loss((batch(),))
+    assert "kl_global" in out
+    assert torch.allclose(out["kl"], out["kl_global"] + sum(
+        out[f"kl_level{r}"] for r in range(3)
+    ))
+    assert [tuple(z.shape) for z in vae.encode(batch())][0] == (3, 5)
+    assert vae.sample(2).shape == (2, 1, *SHAPE)
+
+
+def test_global_kl_matches_distributions_with_a_full_prior():
+    from torch.distributions import MultivariateNormal, kl_divergence
+
+    glob = make_vae(global_latent_dim=4).global_latent
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 4, generator=g)
+    with torch.no_grad():
+        glob.prior_mean.copy_(torch.randn(4, generator=g))
+        glob.prior_scale_tril.copy_(torch.linalg.cholesky(a @ a.T + torch.eye(4)))
+    mean, logstd = torch.randn(6, 4, generator=g), 0.3 * torch.randn(6, 4, generator=g)
+    q = MultivariateNormal(mean, scale_tril=torch.diag_embed(logstd.exp()))
+    p = MultivariateNormal(glob.prior_mean, scale_tril=glob.prior_scale_tril)
+    torch.testing.assert_close(glob.kl(mean, logstd), kl_divergence(q, p))
+
+
+def test_fit_global_prior_is_the_aggregate_posterior_gaussian():
+    vae = make_vae(global_latent_dim=3).eval()
+    x = batch(n=12)
+    batches = [(x[:5],), (x[5:],)]
+    vae.fit_global_prior(batches)
+    q_mean, q_logstd = vae.global_latent.posterior_params(vae.bottom_up(x)[-1])
+    m = q_mean.detach().double()
+    cov = (m - m.mean(0)).T @ (m - m.mean(0)) / len(m)
+    cov += torch.diag(torch.exp(2 * q_logstd.detach().double()).mean(0))
+    glob = vae.global_latent
+    torch.testing.assert_close(glob.prior_mean.double(), m.mean(0), rtol=1e-5, atol=1e-6)
+    fitted = glob.prior_scale_tril.double() @ glob.prior_scale_tril.double().T
+    torch.testing.assert_close(fitted, cov, rtol=1e-4, atol=1e-5)
+    # the prior draws follow it
+    draws = glob.prior_draw(20000, lambda s: torch.randn(s, generator=torch.Generator().manual_seed(0)), 1.0)
+    torch.testing.assert_close(draws.double().mean(0), m.mean(0), atol=0.05, rtol=0)
+    glob.reset_prior()
+    assert glob.prior_mean.count_nonzero() == 0
+    assert torch.equal(glob.prior_scale_tril, torch.eye(3))
+    with pytest.raises(ValueError, match="no global latent"):
+        make_vae().fit_global_prior(batches)
+
+
+def test_closed_spatial_groups_carry_nothing():
+    vae = make_vae(global_latent_dim=4).train()
+    vae.generator = torch.Generator().manual_seed(0)
+    vae.spatial_open = 0.5  # below 1: closed
+    groups = vae.latent_distributions(batch())
+    assert groups[0]["kl"].abs().sum() > 0  # the global latent is open
+    for group in groups[1:]:
+        assert torch.count_nonzero(group["kl"]) == 0
+        torch.testing.assert_close(group["z"], group["p_mean"])
+    # evaluation always uses every group
+    vae.eval()
+    assert all(g["kl"].abs().sum() > 0 for g in vae.latent_distributions(batch())[1:])

@@ -8,6 +8,7 @@ import warnings
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import cross_val_score
@@ -31,6 +32,7 @@ TINY = dict(
     latents_per_resolution=(0, 1, 2),
     kernel_sizes=(1, 3, 3),
     max_iter=2,
+    global_only_iter=1,  # one epoch with the spatial groups closed, one open
     batch_size=4,
     device="cpu",
     random_state=0,
@@ -114,7 +116,9 @@ CONFIG = {  # TINY in the reference's terms
     "use_DDP": True,
     "verbose": True,
 }
-DEFAULTS = dict(max_iter=2, batch_size=4, device="cpu", random_state=0)
+DEFAULTS = dict(
+    max_iter=2, global_only_iter=1, batch_size=4, device="cpu", random_state=0
+)
 
 
 def test_config_sets_the_parameters_it_names(volumes, one_thread):
@@ -300,7 +304,13 @@ def test_skip_warmup_steps_reach_the_engine(volumes, one_thread):
 def test_learns_ellipsoids(one_thread):
     X, _ = make_ellipsoids(48, shape=(16, 16, 16), random_state=0)
     train, test = X[:40], X[40:]
-    params = dict(max_iter=10, batch_size=4, warmup_iter=5, learning_rate_init=5e-3)
+    params = dict(
+        max_iter=10,
+        batch_size=4,
+        warmup_iter=5,
+        global_only_iter=3,
+        learning_rate_init=5e-3,
+    )
     est = VeryDeepVAE(**{**TINY, **params}).fit(train)
     assert est.history_["recon"][-1] < est.history_["recon"][0]
     # reconstructions beat the mean image
@@ -343,6 +353,10 @@ def test_round_trip_with_a_config(volumes, tmp_path, how, one_thread):
         loaded = load(tmp_path / "model.nvae")
     assert loaded.config_params_ == est.config_params_
     assert loaded.get_params() == est.get_params()
+    for name in ("prior_mean", "prior_scale_tril"):  # the fitted global prior
+        kept = getattr(loaded.module_.global_latent, name)
+        assert torch.equal(kept, getattr(est.module_.global_latent, name))
+    assert loaded.module_.global_latent.prior_mean.count_nonzero() > 0
     np.testing.assert_array_equal(loaded.transform(volumes), est.transform(volumes))
     np.testing.assert_array_equal(
         loaded.sample(2, random_state=0), est.sample(2, random_state=0)
@@ -358,7 +372,7 @@ def test_round_trip_with_a_config(volumes, tmp_path, how, one_thread):
 def test_scikit_learn_contract(volumes, one_thread):
     """The parts of the contract that do not need 2-D data (scikit-learn's
     own checks feed 2-D arrays, which this volume model refuses)."""
-    est = VeryDeepVAE(**TINY, config={"total_epochs": 1})
+    est = VeryDeepVAE(**{**TINY, "global_only_iter": 0}, config={"total_epochs": 1})
     twin = clone(est)
     assert twin.get_params() == est.get_params()
     assert set(est.get_params()) == set(
@@ -383,5 +397,66 @@ def test_bad_input(volumes, one_thread):
         est.transform(volumes[:, :5])  # another grid
     with pytest.raises(ValueError):
         est.inverse_transform(np.zeros((2, 3)))  # not the top group's width
-    with pytest.raises(ValueError, match="n_transform_groups=9 but the model has 3"):
+    with pytest.raises(ValueError, match="n_transform_groups=9 but the model has 4"):
         est.set_params(n_transform_groups=9).transform(volumes)
+
+
+# ---------------------------------------------------------------------------
+# the global latent
+# ---------------------------------------------------------------------------
+def test_global_latent_trains_alone_first(volumes, one_thread):
+    est = VeryDeepVAE(**{**TINY, "max_iter": 3, "global_only_iter": 2}).fit(volumes)
+    assert est.module_.latent_shapes[0] == (32,)
+    assert est.transform(volumes).shape == (10, 32)
+    spatial = np.sum([est.history_[f"kl_level{r}"] for r in range(3)], axis=0)
+    np.testing.assert_array_equal(spatial[:2], 0.0)  # closed: no information
+    assert spatial[2] > 0
+    assert min(est.history_["kl_global"]) > 0
+    with pytest.warns(UserWarning, match="never open"):
+        VeryDeepVAE(**{**TINY, "global_only_iter": 2}).fit(volumes)
+
+
+def posterior_gaussian(est, X):
+    """Mean and covariance of the global latent's aggregate posterior."""
+    module = est.module_.eval()
+    with torch.no_grad():
+        x = est._to_tensor(X, est._preprocessing())
+        q_mean, q_logstd = module.global_latent.posterior_params(module.bottom_up(x)[-1])
+    m = q_mean.double().numpy()
+    cov = np.cov(m.T, bias=True) + np.diag(np.exp(2 * q_logstd.double().numpy()).mean(0))
+    return m.mean(0), cov
+
+
+def test_global_prior_is_fitted_to_the_training_posteriors(volumes, one_thread):
+    fitted = VeryDeepVAE(**TINY).fit(volumes)
+    glob = fitted.module_.global_latent
+    mean, cov = posterior_gaussian(fitted, volumes)
+    np.testing.assert_allclose(glob.prior_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+    tril = glob.prior_scale_tril.double().numpy()
+    np.testing.assert_allclose(tril @ tril.T, cov, rtol=1e-4, atol=1e-5)
+    # the same training with the standard normal kept
+    standard = VeryDeepVAE(**TINY, global_prior="standard").fit(volumes)
+    glob = standard.module_.global_latent
+    assert glob.prior_mean.count_nonzero() == 0
+    assert torch.equal(glob.prior_scale_tril, torch.eye(32))
+    np.testing.assert_array_equal(standard.transform(volumes), fitted.transform(volumes))
+    assert not np.allclose(standard.sample(2, random_state=0), fitted.sample(2, random_state=0))
+    # the fitted prior is closer to the training posteriors: a higher ELBO
+    assert fitted.score(volumes) > standard.score(volumes)
+
+
+def test_warm_start_continues_its_checkpoint_after_the_prior_fit(
+    volumes, tmp_path, one_thread
+):
+    est = VeryDeepVAE(**TINY, checkpoint_dir=tmp_path).fit(volumes)
+    est.set_params(warm_start=True, max_iter=3).fit(volumes)  # not "another fit"
+    assert est.n_iter_ == 5
+
+
+def test_without_a_global_latent(volumes, one_thread):
+    est = VeryDeepVAE(**TINY, global_latent_dim=0).fit(volumes)
+    module = est.module_
+    assert module.global_latent is None and len(module.latent_shapes[0]) == 4
+    assert module.dec_groups[2][0].prior is None  # the standard normal group
+    assert "kl_global" not in est.history_
+    assert min(est.history_["kl_level2"]) > 0  # never closed
