@@ -363,9 +363,15 @@ class VeryDeepVAE(BaseVAE):
     resolution: at each resolution it holds ``latents_per_resolution``
     latent groups, each a volume with a posterior (from the bottom-up
     activations and the top-down state) and a learned prior (from the
-    top-down state alone); the first, coarsest group has a standard normal
-    prior. The voxels have a Gaussian likelihood with a learned scale per
-    voxel, bounded below.
+    top-down state alone). Above the coarsest grid sits a global latent
+    vector (``global_latent_dim``; 0 leaves it out, and the first, coarsest
+    group then has the standard normal prior): trained with a standard
+    normal prior and, for the first ``global_only_iter`` epochs, alone,
+    so that it learns the layout of the volumes (where things are, how
+    large) before the spatial groups can take it; once trained, its prior
+    is fitted to the training posteriors (``global_prior``). The voxels
+    have a Gaussian likelihood with a learned scale per voxel, bounded
+    below.
 
     Training maximises the ELBO with the reference's stabilisers: prior
     heads initialised at zero (every prior starts as N(0, I)), residual
@@ -388,11 +394,15 @@ class VeryDeepVAE(BaseVAE):
     ----------
     module_ : neurovae.nn.VeryDeepVAEModule
         The trained torch module (its ``latent_shapes`` give each group's
-        ``(channels, x, y, z)``, coarsest first).
+        ``(channels, x, y, z)``, coarsest first, after the global latent's
+        ``(global_latent_dim,)``; its ``global_latent`` holds the fitted
+        prior as ``prior_mean`` and ``prior_scale_tril``).
     history_ : dict of str to list
         Per-epoch ``loss``, ``recon`` (negative log-likelihood), ``kl`` (the
         sum over groups), ``kl_level0``, ``kl_level1``, ... (the KL of the
-        groups of each resolution, 0 the highest), ``beta``, ``n_skipped``
+        groups of each resolution, 0 the highest), ``kl_global`` (the
+        global latent's), ``beta``, ``spatial_open`` (below 1 while the
+        spatial groups are closed), ``n_skipped``
         (all skipped updates), ``n_skipped_large`` (with ``skip_threshold``:
         those skipped for their size) and ``time``; with early stopping the
         validation terms prefixed ``val_``. Losses are per volume, in nats.
@@ -435,18 +445,21 @@ class VeryDeepVAE(BaseVAE):
     >>> vdvae = VeryDeepVAE(channels=(4, 8, 8), channels_hidden=(2, 4, 4),
     ...                     channels_per_latent=(1, 2, 2),
     ...                     latents_per_resolution=(0, 1, 2),
-    ...                     kernel_sizes=(1, 3, 3), max_iter=2,
+    ...                     kernel_sizes=(1, 3, 3), global_latent_dim=8,
+    ...                     global_only_iter=1, max_iter=2,
     ...                     random_state=0).fit(X)
-    >>> vdvae.module_.latent_shapes  # coarsest group first
-    [(2, 4, 4, 4), (2, 4, 4, 4), (2, 8, 8, 8)]
-    >>> vdvae.transform(X).shape  # the top group, flattened
-    (20, 128)
+    >>> vdvae.module_.latent_shapes  # the global latent, then coarsest first
+    [(8,), (2, 4, 4, 4), (2, 4, 4, 4), (2, 8, 8, 8)]
+    >>> vdvae.transform(X).shape  # the top group: the global latent
+    (20, 8)
     >>> [z.shape for z in vdvae.transform_levels(X[:2])]
-    [(2, 2, 4, 4, 4), (2, 2, 4, 4, 4), (2, 2, 8, 8, 8)]
+    [(2, 8), (2, 2, 4, 4, 4), (2, 2, 4, 4, 4), (2, 2, 8, 8, 8)]
     >>> vdvae.sample(3, temperature=0.5, random_state=0).shape
     (3, 16, 16, 16)
     >>> sorted(k for k in vdvae.history_ if k.startswith("kl"))
-    ['kl', 'kl_level0', 'kl_level1', 'kl_level2']
+    ['kl', 'kl_global', 'kl_level0', 'kl_level1', 'kl_level2']
+    >>> vdvae.history_["kl_level1"][0]  # epoch 1: only the global latent
+    0.0
     """
 
     # a learned, bounded per-voxel Gaussian scale, as in the reference
@@ -684,12 +697,18 @@ class VeryDeepVAE(BaseVAE):
         if self.global_prior == "standard":
             glob.reset_prior()
             return
+        batches = self._batches(train_data, device, shuffle=False, context=context)
+
+        def local(batches):  # this process's samples, stand-ins left out
+            for batch, shard in zip(batches, batches.shards()):
+                if shard.n_local:
+                    yield (batch[0][: shard.n_local],)
+
         training = module.training
         module.eval()
         try:
-            batches = self._batches(train_data, device, shuffle=False, context=context)
             all_reduce = None if context is None else context.all_reduce
-            module.fit_global_prior(batches, all_reduce)
+            module.fit_global_prior(local(batches), all_reduce)
         finally:
             module.train(training)
 
@@ -749,7 +768,8 @@ class VeryDeepVAE(BaseVAE):
         -------
         levels : list of ndarray
             One array per group, of shape ``(n_samples, channels, x, y, z)``
-            on that group's grid (``module_.latent_shapes``).
+            on that group's grid (``module_.latent_shapes``); the global
+            latent's, first, is ``(n_samples, global_latent_dim)``.
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
@@ -816,8 +836,9 @@ class VeryDeepVAE(BaseVAE):
         n_samples : int, default=1
             Number of volumes.
         temperature : float, default=1.0
-            Factor on the standard deviations of the priors; lower values
-            give smoother, more typical samples (0: the prior means).
+            Factor on the standard deviations of the priors (the global
+            latent's included); lower values give smoother, more typical
+            samples (0: the prior means).
         random_state : int, RandomState instance or None, default=None
             Seed of the draws.
 

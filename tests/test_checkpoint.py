@@ -364,6 +364,7 @@ VERY_DEEP = dict(
     kernel_sizes=(1, 3),
     batch_size=4,
     max_iter=6,
+    global_only_iter=2,  # the spatial groups open after a resumable epoch
     device="cpu",
 )
 

@@ -279,6 +279,7 @@ def test_sample_temperature_of_very_deep_vae(data, tmp_path, capsys):
         "kernel_sizes": [3, 3],
         "batch_size": 3,
         "max_iter": 2,
+        "global_only_iter": 1,
         "device": "cpu",
         "random_state": 0,
     }

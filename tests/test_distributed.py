@@ -238,6 +238,7 @@ def _fits(distributed, checkpoint_dir):
         batch_size=4,
         max_iter=2,
         warmup_iter=0,
+        global_only_iter=1,
         **common,
     ).fit(_volumes())
     # the closed-form transition: its sufficient statistics summed over the

@@ -305,9 +305,9 @@ def test_global_latent_bookkeeping_and_priors():
     assert all(b.prior is not None for res in vae.dec_groups for b in res)
     out = vae.loss((batch(),))
     assert "kl_global" in out
-    assert torch.allclose(out["kl"], out["kl_global"] + sum(
-        out[f"kl_level{r}"] for r in range(3)
-    ))
+    assert torch.allclose(
+        out["kl"], out["kl_global"] + sum(out[f"kl_level{r}"] for r in range(3))
+    )
     assert [tuple(z.shape) for z in vae.encode(batch())][0] == (3, 5)
     assert vae.sample(2).shape == (2, 1, *SHAPE)
 
@@ -337,11 +337,15 @@ def test_fit_global_prior_is_the_aggregate_posterior_gaussian():
     cov = (m - m.mean(0)).T @ (m - m.mean(0)) / len(m)
     cov += torch.diag(torch.exp(2 * q_logstd.detach().double()).mean(0))
     glob = vae.global_latent
-    torch.testing.assert_close(glob.prior_mean.double(), m.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        glob.prior_mean.double(), m.mean(0), rtol=1e-5, atol=1e-6
+    )
     fitted = glob.prior_scale_tril.double() @ glob.prior_scale_tril.double().T
     torch.testing.assert_close(fitted, cov, rtol=1e-4, atol=1e-5)
     # the prior draws follow it
-    draws = glob.prior_draw(20000, lambda s: torch.randn(s, generator=torch.Generator().manual_seed(0)), 1.0)
+    draws = glob.prior_draw(
+        20000, lambda s: torch.randn(s, generator=torch.Generator().manual_seed(0)), 1.0
+    )
     torch.testing.assert_close(draws.double().mean(0), m.mean(0), atol=0.05, rtol=0)
     glob.reset_prior()
     assert glob.prior_mean.count_nonzero() == 0

@@ -421,9 +421,13 @@ def posterior_gaussian(est, X):
     module = est.module_.eval()
     with torch.no_grad():
         x = est._to_tensor(X, est._preprocessing())
-        q_mean, q_logstd = module.global_latent.posterior_params(module.bottom_up(x)[-1])
+        q_mean, q_logstd = module.global_latent.posterior_params(
+            module.bottom_up(x)[-1]
+        )
     m = q_mean.double().numpy()
-    cov = np.cov(m.T, bias=True) + np.diag(np.exp(2 * q_logstd.double().numpy()).mean(0))
+    cov = np.cov(m.T, bias=True) + np.diag(
+        np.exp(2 * q_logstd.double().numpy()).mean(0)
+    )
     return m.mean(0), cov
 
 
@@ -439,8 +443,12 @@ def test_global_prior_is_fitted_to_the_training_posteriors(volumes, one_thread):
     glob = standard.module_.global_latent
     assert glob.prior_mean.count_nonzero() == 0
     assert torch.equal(glob.prior_scale_tril, torch.eye(32))
-    np.testing.assert_array_equal(standard.transform(volumes), fitted.transform(volumes))
-    assert not np.allclose(standard.sample(2, random_state=0), fitted.sample(2, random_state=0))
+    np.testing.assert_array_equal(
+        standard.transform(volumes), fitted.transform(volumes)
+    )
+    assert not np.allclose(
+        standard.sample(2, random_state=0), fitted.sample(2, random_state=0)
+    )
     # the fitted prior is closer to the training posteriors: a higher ELBO
     assert fitted.score(volumes) > standard.score(volumes)
 

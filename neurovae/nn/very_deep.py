@@ -13,6 +13,8 @@ per block:
 * :class:`TopDownBlock3d` -- one latent group: prior head, posterior head,
   sampling, KL, projection of z and a residual block;
 * :func:`kl_diagonal_gaussians` -- the closed-form KL between the two.
+* ``_GlobalLatent`` -- an optional latent vector above the coarsest grid,
+  whose prior can be fitted to the training posteriors after training.
 
 Orders used throughout: lists of the constructor have one entry per
 resolution, **highest resolution first** (resolution ``K`` has sides
@@ -326,6 +328,7 @@ class TopDownBlock3d(nn.Module):
         z: torch.Tensor | None = None,
         noise: Noise | None = None,
         temperature: float = 1.0,
+        closed: bool = False,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Update the top-down state with one latent group.
 
@@ -343,6 +346,12 @@ class TopDownBlock3d(nn.Module):
             uses the mean of the distribution.
         temperature : float, default=1.0
             Factor on the prior standard deviation (prior draws only).
+        closed : bool, default=False
+            With ``act``: pass no information. z is the prior mean (unless
+            given), ``q_mean`` and ``q_logstd`` are the prior's and the KL is
+            0; the posterior head still runs (its KL enters the graph at
+            weight 0, so that every parameter takes part in the loss, as
+            distributed training needs).
 
         Returns
         -------
@@ -356,12 +365,15 @@ class TopDownBlock3d(nn.Module):
         group = {"p_mean": p_mean, "p_logstd": p_logstd}
         if act is not None:
             q_mean, q_logstd = self.posterior_params(h, act)
-            if z is None:
+            kl = kl_diagonal_gaussians(q_mean, q_logstd, p_mean, p_logstd)
+            if closed:
+                z = p_mean if z is None else z
+                q_mean, q_logstd, kl = p_mean, p_logstd, 0.0 * kl
+            elif z is None:
                 z = q_mean
                 if noise is not None:
                     z = z + torch.exp(q_logstd) * noise(tuple(q_mean.shape))
-            group.update(q_mean=q_mean, q_logstd=q_logstd)
-            group["kl"] = kl_diagonal_gaussians(q_mean, q_logstd, p_mean, p_logstd)
+            group.update(q_mean=q_mean, q_logstd=q_logstd, kl=kl)
         elif z is None:
             z = p_mean
             if noise is not None and temperature != 0:
@@ -439,8 +451,9 @@ class _GlobalLatent(nn.Module):
         return z
 
     @torch.no_grad()
-    def fit_prior(self, n: float, total: torch.Tensor, outer: torch.Tensor,
-                  variance: torch.Tensor) -> None:
+    def fit_prior(
+        self, n: float, total: torch.Tensor, outer: torch.Tensor, variance: torch.Tensor
+    ) -> None:
         """Set the prior to the Gaussian closest to the training posteriors.
 
         The maximum-likelihood Gaussian of the aggregate posterior (the
@@ -452,8 +465,9 @@ class _GlobalLatent(nn.Module):
         """
         mean = total / n
         cov = outer / n - torch.outer(mean, mean) + torch.diag(variance / n)
-        cov = 0.5 * (cov + cov.T) + 1e-6 * torch.eye(self.dim, dtype=cov.dtype,
-                                                     device=cov.device)
+        cov = 0.5 * (cov + cov.T) + 1e-6 * torch.eye(
+            self.dim, dtype=cov.dtype, device=cov.device
+        )
         self.prior_mean.copy_(mean)
         self.prior_scale_tril.copy_(torch.linalg.cholesky(cov))
 
@@ -480,7 +494,8 @@ class VeryDeepVAEModule(nn.Module):
     Bottom-up: a 3x3x3 stem, then at each resolution (highest first)
     ``n_blocks_per_resolution`` :class:`BottleneckBlock3d` whose activation is
     kept, and an average pooling by 2 (with a 1x1 conv where the width
-    changes). Top-down: a learned constant at the coarsest resolution, then
+    changes). Top-down: a learned constant at the coarsest resolution (plus
+    the projection of the global latent, with ``global_latent_dim``), then
     at each resolution (coarsest first) its :class:`TopDownBlock3d` latent
     groups (or ``n_blocks_per_resolution`` plain blocks if it has none), and
     a nearest upsampling by 2 (after a 1x1 conv where the width changes);
@@ -524,6 +539,13 @@ class VeryDeepVAEModule(nn.Module):
     gradient_checkpointing : bool, default=False
         Recompute the blocks' activations in the backward pass (less memory,
         about a third more compute); also settable afterwards.
+    global_latent_dim : int, default=0
+        Size of a global latent vector above the coarsest grid (0: none).
+        Its posterior is a linear map of the whole coarsest encoder
+        activation; a draw, mapped linearly to a volume, is added to the
+        learned constant that starts the top-down state. Its prior is the
+        standard normal until :meth:`fit_global_prior` fits one (full
+        covariance). With it, every spatial group has a learned prior.
 
     Attributes
     ----------
@@ -542,6 +564,14 @@ class VeryDeepVAEModule(nn.Module):
         deterministic and a sample's value does not depend on its batch.
     beta : float
         Weight of the KL term (for warm-up).
+    spatial_open : float
+        In training mode with a global latent, a value below 1 closes the
+        spatial groups: they take their prior means and add no KL, so only
+        the global latent carries information (1: open; scheduled by the
+        estimator for its first epochs).
+    global_latent : module or None
+        The global latent (``posterior``, ``proj``, and the buffers
+        ``prior_mean`` and ``prior_scale_tril``), or None.
 
     Notes
     -----
@@ -822,7 +852,9 @@ class VeryDeepVAEModule(nn.Module):
         h = self.h_top.expand(n, *self.h_top.shape[1:])
         groups: list[dict[str, torch.Tensor]] = []
         if self.global_latent is not None:
-            group = self._global_group(n, acts, zs[0] if zs else None, noise, temperature)
+            group = self._global_group(
+                n, acts, zs[0] if zs else None, noise, temperature
+            )
             groups.append(group)
             h = h + self.global_latent.proj(group["z"].to(h.dtype)).view(h.shape)
         # while closed (the start of training), the spatial groups take their
@@ -837,17 +869,12 @@ class VeryDeepVAEModule(nn.Module):
                 g = len(groups)
                 h, group = block(
                     h,
-                    None if acts is None or closed else acts[r],
+                    None if acts is None else acts[r],
                     z=zs[g] if g < len(zs) else None,
-                    noise=None if closed else noise,
+                    noise=noise,
                     temperature=temperature,
+                    closed=closed,
                 )
-                if closed and acts is not None:  # no information, no KL
-                    group.update(
-                        q_mean=group["z"],
-                        q_logstd=group["p_logstd"],
-                        kl=h.new_zeros((n,), dtype=torch.float32),
-                    )
                 groups.append(group)
             for block in self.dec_blocks[r]:
                 h = block(h)
@@ -889,17 +916,20 @@ class VeryDeepVAEModule(nn.Module):
             raise ValueError("this model has no global latent")
         dim, device = glob.dim, self._device()
         # n, sum of means, sum of outer products, sum of variances: float64
-        stats = torch.zeros(1 + dim + dim * dim + dim, dtype=torch.float64,
-                            device=device)
+        stats = torch.zeros(
+            1 + dim + dim * dim + dim, dtype=torch.float64, device=device
+        )
         for batch in batches:
             q_mean, q_logstd = glob.posterior_params(self.bottom_up(batch[0])[-1])
             q_mean, var = q_mean.double(), torch.exp(2 * q_logstd.double())
-            stats += torch.cat([
-                q_mean.new_tensor([len(q_mean)]),
-                q_mean.sum(0),
-                (q_mean.T @ q_mean).flatten(),
-                var.sum(0),
-            ])
+            stats += torch.cat(
+                [
+                    q_mean.new_tensor([len(q_mean)]),
+                    q_mean.sum(0),
+                    (q_mean.T @ q_mean).flatten(),
+                    var.sum(0),
+                ]
+            )
         if all_reduce is not None:
             all_reduce(stats)
         n = float(stats[0])
@@ -931,7 +961,8 @@ class VeryDeepVAEModule(nn.Module):
         """Training objective and its terms, averaged over the batch.
 
         ``kl_levelK`` is the KL of the groups at resolution ``K`` (0 is the
-        highest resolution; 0 for a resolution without groups).
+        highest resolution; 0 for a resolution without groups), and
+        ``kl_global`` the global latent's, if any.
         """
         nll, kl = self.terms(batch[0])
         kl_mean = kl.mean(dim=0)
