@@ -908,8 +908,10 @@ class VeryDeepVAEModule(nn.Module):
 
         ``batches`` yields tuples whose first entry is a batch of volumes;
         ``all_reduce`` (optional) sums a tensor over processes, so that every
-        process fits the same prior to the whole training set. See
-        :meth:`_GlobalLatent.fit_prior`.
+        process fits the same prior to the whole training set: the
+        maximum-likelihood Gaussian of the aggregate posterior, whose mean
+        is the mean of the posterior means and whose covariance is their
+        covariance plus the mean posterior variance.
         """
         glob = self.global_latent
         if glob is None:
@@ -943,7 +945,9 @@ class VeryDeepVAEModule(nn.Module):
         """Per group: ``z`` drawn as in :meth:`loss`, q, p and the KL.
 
         Each dict holds ``q_mean``, ``q_logstd``, ``p_mean``, ``p_logstd``,
-        ``z`` (shape ``(n, *latent_shapes[g])``) and ``kl`` (shape ``(n,)``).
+        ``z`` (shape ``(n, *latent_shapes[g])``) and ``kl`` (shape ``(n,)``);
+        the global latent's has ``p_scale_tril`` (``(n, dim, dim)``, the
+        Cholesky factor of its prior covariance) instead of ``p_logstd``.
         """
         return self.top_down(len(x), self.bottom_up(x), noise=self._noise())[1]
 
