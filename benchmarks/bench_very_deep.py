@@ -18,8 +18,11 @@ policy ``"auto"``, device ``"auto"``):
   VeryDeepVAE's own default), and the script says so when it is.
 * ``VAE(backbone="conv", channels=(16, 32, 64), n_components=32,
   random_state=s)`` with the same ``max_iter``: a single-latent
-  convolutional VAE of about the same number of parameters (both counts are
-  printed: ``sum(p.numel() for p in est.module_.parameters())``).
+  convolutional VAE (every count is printed: ``sum(p.numel() for p in
+  est.module_.parameters())``); ``VAE wide`` is the same with
+  ``channels=(24, 48, 96)`` (925k parameters, more than the default
+  VeryDeepVAE), and ``VAE voxel-sd`` the first with one noise scale per
+  voxel (``--baselines`` chooses).
 
 Figures, per model and seed:
 
@@ -42,8 +45,11 @@ and how many seeds the VeryDeepVAE wins.
 
 Samples: for each seed, ``--n-show`` real held-out volumes, VeryDeepVAE
 samples at temperatures 1.0 and 0.6 (``sample(n, temperature=t,
-random_state=s)``) and, for contrast, VAE samples (``sample(n,
-random_state=s)``) are saved to ``--out`` as a PNG (``samples_seed<s>.png``:
+random_state=s)``), samples of the same trained VeryDeepVAE with the
+standard normal as the prior of its global latent instead of the fitted
+one (``VD N(0,I)``, temperature 1; its held-out bits per voxel are printed
+too) and, for contrast, VAE samples (``sample(n, random_state=s)``) are
+saved to ``--out`` as a PNG (``samples_seed<s>.png``:
 for each group a row of mid slices ``[:, :, 16]`` and a row of maximum
 intensity projections along z, all on the same grey scale) and as arrays
 (``samples_seed<s>.npz``). A rough numeric check goes with them, the
@@ -110,7 +116,7 @@ VAE_PARAMS = {"backbone": "conv", "channels": (16, 32, 64), "n_components": 32}
 BASELINES = {
     "VAE": VAE_PARAMS,
     "VAE voxel-sd": {**VAE_PARAMS, "likelihood_scale": "feature"},
-    # as many parameters as the default VeryDeepVAE (925k against 983k)
+    # a wider conv VAE (925k parameters, more than the default VeryDeepVAE)
     "VAE wide": {**VAE_PARAMS, "channels": (24, 48, 96)},
 }
 # make_ellipsoids: intensities in [0.5, 1.5], smooth background noise that

@@ -270,7 +270,7 @@ _PARAMETERS = """
         against -1.51 and blocky texture with 1 (``benchmarks/``).
     n_blocks_per_resolution : int, default=1
         Residual blocks per resolution in the encoder.
-    global_latent_dim : int, default=32
+    global_latent_dim : int, default=8
         Size of a global latent vector above the coarsest grid (0: none).
         Its posterior comes from the whole coarsest encoder activation and
         a linear map turns it into the starting top-down state, so that one
@@ -508,7 +508,7 @@ class VeryDeepVAE(BaseVAE):
         kernel_sizes=(3, 3, 3, 3),
         *,
         n_blocks_per_resolution=1,
-        global_latent_dim=32,
+        global_latent_dim=8,
         global_only_iter=20,
         global_prior="fitted",
         n_transform_groups=1,
