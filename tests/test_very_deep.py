@@ -305,10 +305,10 @@ def test_learns_ellipsoids(one_thread):
     X, _ = make_ellipsoids(48, shape=(16, 16, 16), random_state=0)
     train, test = X[:40], X[40:]
     params = dict(
-        max_iter=10,
+        max_iter=12,
         batch_size=4,
         warmup_iter=5,
-        global_only_iter=3,
+        global_only_iter=2,
         learning_rate_init=5e-3,
     )
     est = VeryDeepVAE(**{**TINY, **params}).fit(train)
@@ -406,8 +406,8 @@ def test_bad_input(volumes, one_thread):
 # ---------------------------------------------------------------------------
 def test_global_latent_trains_alone_first(volumes, one_thread):
     est = VeryDeepVAE(**{**TINY, "max_iter": 3, "global_only_iter": 2}).fit(volumes)
-    assert est.module_.latent_shapes[0] == (32,)
-    assert est.transform(volumes).shape == (10, 32)
+    assert est.module_.latent_shapes[0] == (8,)
+    assert est.transform(volumes).shape == (10, 8)
     spatial = np.sum([est.history_[f"kl_level{r}"] for r in range(3)], axis=0)
     np.testing.assert_array_equal(spatial[:2], 0.0)  # closed: no information
     assert spatial[2] > 0
@@ -442,7 +442,7 @@ def test_global_prior_is_fitted_to_the_training_posteriors(volumes, one_thread):
     standard = VeryDeepVAE(**TINY, global_prior="standard").fit(volumes)
     glob = standard.module_.global_latent
     assert glob.prior_mean.count_nonzero() == 0
-    assert torch.equal(glob.prior_scale_tril, torch.eye(32))
+    assert torch.equal(glob.prior_scale_tril, torch.eye(8))
     np.testing.assert_array_equal(
         standard.transform(volumes), fitted.transform(volumes)
     )
