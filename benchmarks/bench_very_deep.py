@@ -218,6 +218,8 @@ def shape_summary(volumes: np.ndarray) -> dict:
         "ellipsoid_iou": iou,
         "n_blobs_mean": float(np.mean(blobs)),
         "n_blobs": blobs,
+        # the share of volumes holding exactly one blob, as real ones do
+        "one_blob_share": float(np.mean([b == 1 for b in blobs])),
         "max_mean": float(volumes.reshape(len(volumes), -1).max(1).mean()),
     }
 
@@ -465,12 +467,16 @@ def print_results(results: dict) -> dict:
     for g in groups:
         cells = ""
         for r in seeds:
-            iou, blobs = (
-                r["shapes"][g][k] for k in ("ellipsoid_iou_mean", "n_blobs_mean")
+            iou, blobs, one = (
+                r["shapes"][g][k]
+                for k in ("ellipsoid_iou_mean", "n_blobs_mean", "one_blob_share")
             )
-            cells += f"{iou:>8.2f} / {blobs:<5.1f}"
+            cells += f"{iou:>8.2f} / {blobs:<4.1f}/ {one:<5.2f}"
         print(f"  {g:<20}{cells}")
-    print("  (IoU / blobs; real volumes: IoU ~0.98, ~1 blob)")
+    print(
+        "  (IoU / blobs / share with exactly one blob; real volumes: IoU ~0.98, "
+        "~1 blob, share ~1)"
+    )
     print("  figures: " + ", ".join(r["png"] for r in seeds))
     return summary
 

@@ -62,11 +62,12 @@ print(f"{len(X_train)} training and {len(X_test)} held-out volumes of {X.shape[1
 # size: 32 here, against 8 by default. On this small grid the spatial groups
 # carry little (a few nats), the global latent nearly all of it; with 8
 # dimensions the spatial groups took the ellipsoids over once opened, and
-# the samples were faint blobs. For the first ``global_only_iter`` epochs the spatial groups are
-# *closed* (they take their prior means and carry nothing), so the global
-# latent has to learn the layout of the volumes; without this, the
-# ellipsoid ends up spread over the spatial groups, whose priors are nearly
-# independent from voxel to voxel, and samples are scattered blobs. Once
+# the samples were faint blobs. For the first ``global_only_iter`` epochs
+# the spatial groups are *closed* (they take their prior means and carry
+# nothing), so the global latent has to learn the layout of the volumes;
+# without this, the ellipsoid ends up spread over the spatial groups, whose
+# priors are nearly independent from voxel to voxel, and samples are
+# scattered blobs. Once
 # trained, ``global_prior="fitted"`` (the default) replaces the standard
 # normal prior of the global latent by the Gaussian that best fits the
 # posteriors of the training volumes: draws then land where training
