@@ -266,8 +266,8 @@ _PARAMETERS = """
         1 makes a resolution's blocks channel-wise (cheaper), but at the
         highest resolution the output is then constant over the 2x2x2
         blocks of the nearest-neighbour upsampling: on 32^3 ellipsoids, 3
-        there gave -1.63 bits per voxel and single smooth blobs as samples,
-        against -1.51 and blocky texture with 1 (``benchmarks/``).
+        there gave -1.63 bits per voxel and smooth samples, against -1.51
+        and blocky texture with 1 (without a global latent; ``benchmarks/``).
     n_blocks_per_resolution : int, default=1
         Residual blocks per resolution in the encoder.
     global_latent_dim : int, default=8
