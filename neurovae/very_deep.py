@@ -627,11 +627,15 @@ class VeryDeepVAE(BaseVAE):
     # ------------------------------------------------------------------
     def _check_data(self, X, stats) -> None:
         name = type(self).__name__
-        if self.global_latent_dim and self.global_only_iter >= self._param("max_iter"):
+        # a warm start continues the schedule: epochs already run count
+        done = self.n_iter_ if self.warm_start and hasattr(self, "module_") else 0
+        last = done + self._param("max_iter")
+        if self.global_latent_dim and self.global_only_iter >= last:
             warnings.warn(
                 f"{name}: global_only_iter={self.global_only_iter} is not below "
-                f"max_iter={self._param('max_iter')}: the spatial latent groups "
-                "never open and only the global latent is trained. Lower "
+                f"the {last} epochs this fit ends at (max_iter="
+                f"{self._param('max_iter')}): the spatial latent groups never "
+                "open and only the global latent is trained. Lower "
                 "global_only_iter (0 opens them from the start).",
                 UserWarning,
                 stacklevel=3,

@@ -414,6 +414,11 @@ def test_global_latent_trains_alone_first(volumes, one_thread):
     assert min(est.history_["kl_global"]) > 0
     with pytest.warns(UserWarning, match="never open"):
         VeryDeepVAE(**{**TINY, "global_only_iter": 2}).fit(volumes)
+    # a warm start continues the schedule: the groups are open already
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.set_params(warm_start=True, max_iter=1).fit(volumes)
+    assert sum(est.history_[f"kl_level{r}"][-1] for r in range(3)) > 0
 
 
 def posterior_gaussian(est, X):
@@ -468,3 +473,18 @@ def test_without_a_global_latent(volumes, one_thread):
     assert module.dec_groups[2][0].prior is None  # the standard normal group
     assert "kl_global" not in est.history_
     assert min(est.history_["kl_level2"]) > 0  # never closed
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"global_latent_dim": -1},
+        {"global_latent_dim": 2.5},
+        {"global_only_iter": -1},
+        {"global_prior": "uniform"},
+    ],
+)
+def test_global_latent_parameters_are_checked(volumes, bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        VeryDeepVAE(**{**TINY, **bad}).fit(volumes)
