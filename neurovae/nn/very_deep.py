@@ -96,6 +96,15 @@ def kl_diagonal_gaussians(
     return kl.flatten(1).sum(dim=1)
 
 
+def _posterior_draw(
+    q_mean: torch.Tensor, q_logstd: torch.Tensor, noise: Noise | None
+) -> torch.Tensor:
+    """A draw of a diagonal Gaussian posterior (its mean without ``noise``)."""
+    if noise is None:
+        return q_mean
+    return q_mean + torch.exp(q_logstd) * noise(tuple(q_mean.shape))
+
+
 class _SameConv3d(nn.Conv3d):
     """A stride-1 convolution whose output keeps its input's grid, for any
     kernel size: odd kernels pad symmetrically, even ones pad one voxel more
@@ -370,9 +379,7 @@ class TopDownBlock3d(nn.Module):
                 z = p_mean if z is None else z
                 q_mean, q_logstd, kl = p_mean, p_logstd, 0.0 * kl
             elif z is None:
-                z = q_mean
-                if noise is not None:
-                    z = z + torch.exp(q_logstd) * noise(tuple(q_mean.shape))
+                z = _posterior_draw(q_mean, q_logstd, noise)
             group.update(q_mean=q_mean, q_logstd=q_logstd, kl=kl)
         elif z is None:
             z = p_mean
@@ -892,9 +899,7 @@ class VeryDeepVAEModule(nn.Module):
         if acts is not None:
             q_mean, q_logstd = glob.posterior_params(acts[-1])
             if z is None:
-                z = q_mean
-                if noise is not None:
-                    z = z + torch.exp(q_logstd) * noise(tuple(q_mean.shape))
+                z = _posterior_draw(q_mean, q_logstd, noise)
             group.update(q_mean=q_mean, q_logstd=q_logstd)
             group["kl"] = glob.kl(q_mean, q_logstd)
         elif z is None:
