@@ -284,6 +284,18 @@ _PARAMETERS = """
         no information and add no KL), so that the global latent learns the
         layout before the spatial groups can take it. 0 opens them from the
         start; ignored without a global latent.
+    global_only_fraction : float in [0, 1], default=0.5
+        With a global latent, once the spatial groups are open: the share
+        of each training batch, drawn at random, whose spatial groups take
+        draws from their priors instead of their posteriors (q = p for
+        those groups, so they add no KL and each sample's objective is
+        still an ELBO). For those volumes the global latent alone says what
+        the volume is, so the decoder learns to render a volume from the
+        global latent and prior draws of the spatial groups, which is what
+        :meth:`sample` does. Without it the spatial groups can take over
+        the layout once open, and a third to a half of the samples hold no
+        object; the price is likelihood (``benchmarks/``). 0 trains every
+        volume on its posteriors; ignored without a global latent.
     global_prior : {"fitted", "standard"}, default="fitted"
         Prior of the global latent once trained. Training uses the standard
         normal; ``"fitted"`` then replaces it by the Gaussian (full
@@ -368,8 +380,10 @@ class VeryDeepVAE(BaseVAE):
     group then has the standard normal prior): trained with a standard
     normal prior and, for the first ``global_only_iter`` epochs, alone,
     so that it learns the layout of the volumes (where things are, how
-    large) before the spatial groups can take it; once trained, its prior
-    is fitted to the training posteriors (``global_prior``). The voxels
+    large) before the spatial groups can take it, and afterwards, for a
+    share of each batch, still alone (``global_only_fraction``); once
+    trained, its prior is fitted to the training posteriors
+    (``global_prior``). The voxels
     have a Gaussian likelihood with a learned scale per voxel, bounded
     below.
 
@@ -489,6 +503,7 @@ class VeryDeepVAE(BaseVAE):
         "n_blocks_per_resolution": Interval(int, 1),
         "global_latent_dim": Interval(int, 0),
         "global_only_iter": Interval(int, 0),
+        "global_only_fraction": Interval(float, 0.0, 1.0),
         "global_prior": Options(("fitted", "standard")),
         "n_transform_groups": Interval(int, 1),
         "warmup_iter": Interval(int, 0),
@@ -510,6 +525,7 @@ class VeryDeepVAE(BaseVAE):
         n_blocks_per_resolution=1,
         global_latent_dim=8,
         global_only_iter=20,
+        global_only_fraction=0.5,
         global_prior="fitted",
         n_transform_groups=1,
         beta=1.0,
@@ -548,6 +564,7 @@ class VeryDeepVAE(BaseVAE):
         self.n_blocks_per_resolution = n_blocks_per_resolution
         self.global_latent_dim = global_latent_dim
         self.global_only_iter = global_only_iter
+        self.global_only_fraction = global_only_fraction
         self.global_prior = global_prior
         self.n_transform_groups = n_transform_groups
         self.beta = beta
@@ -692,6 +709,10 @@ class VeryDeepVAE(BaseVAE):
         if self.global_latent_dim and self.global_only_iter:
             # below 1 the module keeps its spatial groups closed
             schedules["spatial_open"] = Linear(1.0, warmup_iter=self.global_only_iter)
+        if self.global_latent_dim and self.global_only_fraction:
+            schedules["global_only_fraction"] = Constant(
+                float(self.global_only_fraction)
+            )
         return schedules
 
     def _after_training(self, module, train_data, device, context) -> None:

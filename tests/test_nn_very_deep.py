@@ -366,3 +366,49 @@ def test_closed_spatial_groups_carry_nothing():
     # evaluation always uses every group
     vae.eval()
     assert all(g["kl"].abs().sum() > 0 for g in vae.latent_distributions(batch())[1:])
+
+
+def test_global_only_rows_draw_the_spatial_groups_from_their_priors():
+    vae = make_vae(global_latent_dim=4).train()
+    x = batch(n=64)
+
+    def groups_with(fraction, seed=0):
+        vae.generator = torch.Generator().manual_seed(seed)
+        vae.global_only_fraction = fraction
+        return vae.latent_distributions(x)
+
+    groups = groups_with(0.5)
+    rows = torch.stack([g["kl"] == 0 for g in groups[1:]]).all(dim=0)
+    assert 0.3 < rows.float().mean() < 0.7  # about half of the samples
+    assert (groups[0]["kl"] > 0).all()  # the global latent always carries x
+    for group in groups[1:]:
+        assert (group["kl"][~rows] > 0).all()  # the others are posterior draws
+        torch.testing.assert_close(group["q_mean"][rows], group["p_mean"][rows])
+        torch.testing.assert_close(group["q_logstd"][rows], group["p_logstd"][rows])
+        # prior draws, not prior means (as in the closed epochs)
+        assert not torch.allclose(group["z"][rows], group["p_mean"][rows])
+    # the choice follows the training generator
+    again = torch.stack([g["kl"] == 0 for g in groups_with(0.5)[1:]]).all(dim=0)
+    assert torch.equal(rows, again)
+    other = torch.stack([g["kl"] == 0 for g in groups_with(0.5, seed=1)[1:]]).all(0)
+    assert not torch.equal(rows, other)
+    # 1: every sample; 0: none, and the training noise is that of a model
+    # without the option (no extra draw)
+    assert all(torch.count_nonzero(g["kl"]) == 0 for g in groups_with(1.0)[1:])
+    plain = groups_with(0.0)
+    assert all((g["kl"] > 0).all() for g in plain)
+    reference = make_vae(global_latent_dim=4).train()
+    reference.generator = torch.Generator().manual_seed(0)
+    for a, b in zip(plain, reference.latent_distributions(x)):
+        torch.testing.assert_close(a["z"], b["z"])
+    # evaluation and the ELBO ignore it
+    vae.eval()
+    vae.global_only_fraction = 1.0
+    elbo = vae.elbo(x)
+    vae.global_only_fraction = 0.0
+    torch.testing.assert_close(vae.elbo(x), elbo)
+    # no effect without a global latent
+    plain_vae = make_vae().train()
+    plain_vae.generator = torch.Generator().manual_seed(0)
+    plain_vae.global_only_fraction = 1.0
+    assert all((g["kl"] > 0).all() for g in plain_vae.latent_distributions(x)[1:])

@@ -305,7 +305,7 @@ def test_learns_ellipsoids(one_thread):
     X, _ = make_ellipsoids(48, shape=(16, 16, 16), random_state=0)
     train, test = X[:40], X[40:]
     params = dict(
-        max_iter=12,
+        max_iter=20,  # 12 sufficed with global_only_fraction=0
         batch_size=4,
         warmup_iter=5,
         global_only_iter=2,
@@ -421,6 +421,19 @@ def test_global_latent_trains_alone_first(volumes, one_thread):
     assert sum(est.history_[f"kl_level{r}"][-1] for r in range(3)) > 0
 
 
+def test_global_only_fraction_reaches_the_module(volumes, one_thread):
+    est = VeryDeepVAE(**TINY, global_only_fraction=0.5).fit(volumes)
+    assert est.module_.global_only_fraction == 0.5
+    assert est.history_["global_only_fraction"] == [0.5, 0.5]
+    # it changes training, not the model's structure
+    plain = VeryDeepVAE(**TINY, global_only_fraction=0.0).fit(volumes)
+    assert plain.module_.global_only_fraction == 0.0
+    assert not np.allclose(est.transform(volumes), plain.transform(volumes))
+    # it survives a pickle round trip
+    again = pickle.loads(pickle.dumps(est))
+    assert again.module_.global_only_fraction == 0.5
+
+
 def posterior_gaussian(est, X):
     """Mean and covariance of the global latent's aggregate posterior."""
     module = est.module_.eval()
@@ -482,6 +495,8 @@ def test_without_a_global_latent(volumes, one_thread):
         {"global_latent_dim": 2.5},
         {"global_only_iter": -1},
         {"global_prior": "uniform"},
+        {"global_only_fraction": -0.1},
+        {"global_only_fraction": 1.5},
     ],
 )
 def test_global_latent_parameters_are_checked(volumes, bad):

@@ -27,6 +27,7 @@ them; ``kl_levelK`` is the KL of the groups at resolution ``K`` (so
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -338,6 +339,7 @@ class TopDownBlock3d(nn.Module):
         noise: Noise | None = None,
         temperature: float = 1.0,
         closed: bool = False,
+        prior_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Update the top-down state with one latent group.
 
@@ -361,6 +363,10 @@ class TopDownBlock3d(nn.Module):
             0; the posterior head still runs (its KL enters the graph at
             weight 0, so that every parameter takes part in the loss, as
             distributed training needs).
+        prior_rows : torch.Tensor of bool, shape (n,), optional
+            With ``act``: the samples whose posterior is replaced by the
+            prior (q = p, KL 0), so that their z is a prior draw (with
+            ``noise``) that the decoder has to make the best of.
 
         Returns
         -------
@@ -378,8 +384,14 @@ class TopDownBlock3d(nn.Module):
             if closed:
                 z = p_mean if z is None else z
                 q_mean, q_logstd, kl = p_mean, p_logstd, 0.0 * kl
-            elif z is None:
-                z = _posterior_draw(q_mean, q_logstd, noise)
+            else:
+                if prior_rows is not None:
+                    rows = prior_rows.view(-1, *([1] * (q_mean.dim() - 1)))
+                    q_mean = torch.where(rows, p_mean.to(q_mean.dtype), q_mean)
+                    q_logstd = torch.where(rows, p_logstd.to(q_logstd.dtype), q_logstd)
+                    kl = kl * (~prior_rows)
+                if z is None:
+                    z = _posterior_draw(q_mean, q_logstd, noise)
             group.update(q_mean=q_mean, q_logstd=q_logstd, kl=kl)
         elif z is None:
             z = p_mean
@@ -576,6 +588,13 @@ class VeryDeepVAEModule(nn.Module):
         spatial groups: they take their prior means and add no KL, so only
         the global latent carries information (1: open; scheduled by the
         estimator for its first epochs).
+    global_only_fraction : float
+        In training mode with a global latent and open spatial groups, the
+        share of each batch, chosen at random, whose spatial groups draw
+        from their priors instead of their posteriors (q = p, no KL): for
+        those samples only the global latent carries information, and the
+        decoder learns to render a volume from it and prior draws, as in
+        sampling. 0 (the module's default) turns it off.
     global_latent : module or None
         The global latent (``posterior``, ``proj``, and the buffers
         ``prior_mean`` and ``prior_scale_tril``), or None.
@@ -754,6 +773,7 @@ class VeryDeepVAEModule(nn.Module):
         self.eval_seed = 0
         self.beta = 1.0
         self.spatial_open = 1.0
+        self.global_only_fraction = 0.0
         self.gradient_checkpointing = gradient_checkpointing
 
     # -- configuration -----------------------------------------------------
@@ -869,6 +889,9 @@ class VeryDeepVAEModule(nn.Module):
         closed = (
             self.training and self.spatial_open < 1 and self.global_latent is not None
         )
+        prior_rows = None
+        if self._global_only_rows_active(acts, noise, closed):
+            prior_rows = self._draw_global_only_rows(n, noise)
         for r in reversed(range(self.n_resolutions)):
             if r < self.n_resolutions - 1:
                 h = F.interpolate(self.dec_up[r](h), scale_factor=2, mode="nearest")
@@ -881,6 +904,7 @@ class VeryDeepVAEModule(nn.Module):
                     noise=noise,
                     temperature=temperature,
                     closed=closed,
+                    prior_rows=prior_rows,
                 )
                 groups.append(group)
             for block in self.dec_blocks[r]:
@@ -889,6 +913,29 @@ class VeryDeepVAEModule(nn.Module):
         if any(self._pad):
             out = out[(slice(None), slice(None), *self._crop)]
         return out, groups
+
+    def _global_only_rows_active(self, acts, noise, closed) -> bool:
+        return (
+            self.training
+            and not closed
+            and acts is not None
+            and noise is not None
+            and self.global_latent is not None
+            and self.global_only_fraction > 0
+        )
+
+    def _draw_global_only_rows(self, n: int, noise: Noise) -> torch.Tensor:
+        """A share ``global_only_fraction`` of the ``n`` samples, at random.
+
+        Drawn from ``noise`` (a standard normal under the fraction's
+        quantile), so the choice follows the training generator and, under
+        DDP, the global batch.
+        """
+        fraction = float(self.global_only_fraction)
+        u = noise((n,))
+        if fraction >= 1:
+            return torch.ones(n, dtype=torch.bool, device=u.device)
+        return u < statistics.NormalDist().inv_cdf(fraction)
 
     def _global_group(self, n, acts, z, noise, temperature) -> dict:
         """The global latent's group dict (as :class:`TopDownBlock3d`'s)."""
