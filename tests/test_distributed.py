@@ -227,8 +227,10 @@ def _fits(distributed, checkpoint_dir):
     out["checkpoint"] = VAE(**ckpt).fit(X[:65])
     out["resumed"] = VAE(**ckpt, verbose=2).fit(X[:65])  # finished: no training
     # a hierarchy of latent groups: per-sample noise at every group drawn for
-    # the global batch, the rank keeping its rows; 9 volumes in batches of 4
-    # end with one volume, a stand-in of weight 0 on rank 1
+    # the global batch, the rank keeping its rows (and so the choice of the
+    # samples trained through the global latent alone, global_only_fraction);
+    # 9 volumes in batches of 4 end with one volume, a stand-in of weight 0
+    # on rank 1
     out["very_deep"] = VeryDeepVAE(
         channels=(4, 8),
         channels_hidden=(2, 4),
