@@ -416,8 +416,8 @@ class VeryDeepVAE(BaseVAE):
         sum over groups), ``kl_level0``, ``kl_level1``, ... (the KL of the
         groups of each resolution, 0 the highest), ``kl_global`` (the
         global latent's), ``beta``, ``spatial_open`` (below 1 while the
-        spatial groups are closed), ``n_skipped``
-        (all skipped updates), ``n_skipped_large`` (with ``skip_threshold``:
+        spatial groups are closed), ``global_only_fraction`` (when not 0),
+        ``n_skipped`` (all skipped updates), ``n_skipped_large`` (with ``skip_threshold``:
         those skipped for their size) and ``time``; with early stopping the
         validation terms prefixed ``val_``. Losses are per volume, in nats.
     config_params_ : dict
