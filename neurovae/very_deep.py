@@ -285,17 +285,19 @@ _PARAMETERS = """
         layout before the spatial groups can take it. 0 opens them from the
         start; ignored without a global latent.
     global_only_fraction : float in [0, 1], default=0.5
-        With a global latent, once the spatial groups are open: the share
-        of each training batch, drawn at random, whose spatial groups take
-        draws from their priors instead of their posteriors (q = p for
-        those groups, so they add no KL and each sample's objective is
-        still an ELBO). For those volumes the global latent alone says what
+        With a global latent, once the spatial groups are open: the
+        probability with which each training volume, at each step, draws
+        its spatial groups from their priors instead of their posteriors
+        (q = p for those groups, so they add no KL and the volume's
+        objective is still an ELBO). For those volumes the global latent alone says what
         the volume is, so the decoder learns to render a volume from the
         global latent and prior draws of the spatial groups, which is what
         :meth:`sample` does. Without it the spatial groups can take over
         the layout once open, and a third to a half of the samples hold no
         object; the price is likelihood (``benchmarks/``). 0 trains every
-        volume on its posteriors; ignored without a global latent.
+        volume on its posteriors; 1 never trains the spatial posteriors
+        (only of use to study the global latent alone); ignored without a
+        global latent.
     global_prior : {"fitted", "standard"}, default="fitted"
         Prior of the global latent once trained. Training uses the standard
         normal; ``"fitted"`` then replaces it by the Gaussian (full
@@ -381,7 +383,7 @@ class VeryDeepVAE(BaseVAE):
     normal prior and, for the first ``global_only_iter`` epochs, alone,
     so that it learns the layout of the volumes (where things are, how
     large) before the spatial groups can take it, and afterwards, for a
-    share of each batch, still alone (``global_only_fraction``); once
+    random share of the volumes, still alone (``global_only_fraction``); once
     trained, its prior is fitted to the training posteriors
     (``global_prior``). The voxels
     have a Gaussian likelihood with a learned scale per voxel, bounded
@@ -416,10 +418,11 @@ class VeryDeepVAE(BaseVAE):
         sum over groups), ``kl_level0``, ``kl_level1``, ... (the KL of the
         groups of each resolution, 0 the highest), ``kl_global`` (the
         global latent's), ``beta``, ``spatial_open`` (below 1 while the
-        spatial groups are closed), ``global_only_fraction`` (when not 0),
-        ``n_skipped`` (all skipped updates), ``n_skipped_large`` (with ``skip_threshold``:
-        those skipped for their size) and ``time``; with early stopping the
-        validation terms prefixed ``val_``. Losses are per volume, in nats.
+        spatial groups are closed), ``global_only_fraction`` (with a global
+        latent), ``n_skipped`` (all skipped updates), ``n_skipped_large``
+        (with ``skip_threshold``: those skipped for their size) and
+        ``time``; with early stopping the validation terms prefixed
+        ``val_``. Losses are per volume, in nats.
     config_params_ : dict
         The parameters ``config`` set (empty without one).{_COMMON_ATTRIBUTES}
 
@@ -709,7 +712,8 @@ class VeryDeepVAE(BaseVAE):
         if self.global_latent_dim and self.global_only_iter:
             # below 1 the module keeps its spatial groups closed
             schedules["spatial_open"] = Linear(1.0, warmup_iter=self.global_only_iter)
-        if self.global_latent_dim and self.global_only_fraction:
+        if self.global_latent_dim:
+            # always set, so that a warm start can also turn it off
             schedules["global_only_fraction"] = Constant(
                 float(self.global_only_fraction)
             )

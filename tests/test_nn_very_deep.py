@@ -387,6 +387,8 @@ def test_global_only_rows_draw_the_spatial_groups_from_their_priors():
         torch.testing.assert_close(group["q_logstd"][rows], group["p_logstd"][rows])
         # prior draws, not prior means (as in the closed epochs)
         assert not torch.allclose(group["z"][rows], group["p_mean"][rows])
+        eps = (group["z"] - group["p_mean"]) / group["p_logstd"].exp()
+        assert abs(float(eps[rows].detach().std()) - 1.0) < 0.1
     # the choice follows the training generator
     again = torch.stack([g["kl"] == 0 for g in groups_with(0.5)[1:]]).all(dim=0)
     assert torch.equal(rows, again)
@@ -401,6 +403,11 @@ def test_global_only_rows_draw_the_spatial_groups_from_their_priors():
     reference.generator = torch.Generator().manual_seed(0)
     for a, b in zip(plain, reference.latent_distributions(x)):
         torch.testing.assert_close(a["z"], b["z"])
+    # closed epochs take precedence: prior means, as without it
+    vae.spatial_open = 0.5
+    for group in groups_with(1.0)[1:]:
+        torch.testing.assert_close(group["z"], group["p_mean"])
+    vae.spatial_open = 1.0
     # evaluation and the ELBO ignore it
     vae.eval()
     vae.global_only_fraction = 1.0

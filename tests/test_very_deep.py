@@ -421,17 +421,36 @@ def test_global_latent_trains_alone_first(volumes, one_thread):
     assert sum(est.history_[f"kl_level{r}"][-1] for r in range(3)) > 0
 
 
-def test_global_only_fraction_reaches_the_module(volumes, one_thread):
-    est = VeryDeepVAE(**TINY, global_only_fraction=0.5).fit(volumes)
-    assert est.module_.global_only_fraction == 0.5
-    assert est.history_["global_only_fraction"] == [0.5, 0.5]
-    # it changes training, not the model's structure
+def test_global_only_fraction_trains_volumes_through_the_global_latent(
+    volumes, one_thread
+):
+    def spatial_kl(est):
+        return np.sum([est.history_[f"kl_level{r}"] for r in range(3)], axis=0)
+
+    # epoch 1 closed, epoch 2 open: with 1, every volume draws its spatial
+    # groups from the priors, so they carry nothing; the global latent does
+    est = VeryDeepVAE(**TINY, global_only_fraction=1.0).fit(volumes)
+    assert est.module_.global_only_fraction == 1.0
+    assert est.history_["global_only_fraction"] == [1.0, 1.0]
+    np.testing.assert_array_equal(spatial_kl(est), 0.0)
+    assert min(est.history_["kl_global"]) > 0
+    # with 0.5, about half of the volumes: less spatial KL than with 0
+    half = VeryDeepVAE(**TINY, global_only_fraction=0.5).fit(volumes)
     plain = VeryDeepVAE(**TINY, global_only_fraction=0.0).fit(volumes)
-    assert plain.module_.global_only_fraction == 0.0
-    assert not np.allclose(est.transform(volumes), plain.transform(volumes))
-    # it survives a pickle round trip
+    assert 0 < spatial_kl(half)[1] < spatial_kl(plain)[1]
+    # scores use every group's posterior whatever the fraction
+    module = half.module_
+    module.global_only_fraction = 0.0
+    score = half.score(volumes)
+    module.global_only_fraction = 1.0
+    assert half.score(volumes) == score
+    # a warm start can turn it off, and it survives a pickle round trip
     again = pickle.loads(pickle.dumps(est))
-    assert again.module_.global_only_fraction == 0.5
+    assert again.module_.global_only_fraction == 1.0
+    est.set_params(warm_start=True, max_iter=1, global_only_fraction=0.0)
+    est.fit(volumes)
+    assert est.module_.global_only_fraction == 0.0
+    assert spatial_kl(est)[-1] > 0
 
 
 def posterior_gaussian(est, X):

@@ -67,11 +67,11 @@ print(f"{len(X_train)} training and {len(X_test)} held-out volumes of {X.shape[1
 # their prior means and carry nothing), so the global latent has to learn
 # the layout of the volumes; without this, the ellipsoid ends up spread over
 # the spatial groups, whose priors are nearly independent from voxel to
-# voxel, and samples are scattered blobs. Afterwards, for a share
-# ``global_only_fraction`` (half, the default) of each batch, the spatial
-# groups still carry nothing: they are drawn from their priors, as when
-# sampling, so the decoder keeps rendering the ellipsoid from the global
-# latent alone. Once trained, ``global_prior="fitted"`` (the default)
+# voxel, and samples are scattered blobs. Afterwards, for each volume with
+# probability ``global_only_fraction`` (a half, the default) at every step,
+# the spatial groups still carry nothing: they are drawn from their priors,
+# as when sampling, so the decoder keeps rendering the ellipsoid from the
+# global latent alone. Once trained, ``global_prior="fitted"`` (the default)
 # replaces the standard normal prior of the global latent by the Gaussian
 # that best fits the posteriors of the training volumes: draws then land
 # where training volumes lie.

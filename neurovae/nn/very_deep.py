@@ -5,7 +5,8 @@ Graham, Cardoso et al.: a bottom-up encoder of residual bottleneck blocks
 keeps its activation at every resolution; a top-down decoder starts from a
 learned constant at the coarsest resolution and, group after group, draws a
 latent volume from the posterior q(z_g | z_<g, x) (training, evaluation) or
-the prior p(z_g | z_<g) (generation), adds its projection to the top-down
+the prior p(z_g | z_<g) (generation, and in training the samples that go
+through the global latent alone), adds its projection to the top-down
 state and refines the state with a residual block. Small modules, one idea
 per block:
 
@@ -389,7 +390,7 @@ class TopDownBlock3d(nn.Module):
                     rows = prior_rows.view(-1, *([1] * (q_mean.dim() - 1)))
                     q_mean = torch.where(rows, p_mean.to(q_mean.dtype), q_mean)
                     q_logstd = torch.where(rows, p_logstd.to(q_logstd.dtype), q_logstd)
-                    kl = kl * (~prior_rows)
+                    kl = kl.masked_fill(prior_rows, 0.0)
                 if z is None:
                     z = _posterior_draw(q_mean, q_logstd, noise)
             group.update(q_mean=q_mean, q_logstd=q_logstd, kl=kl)
@@ -590,8 +591,8 @@ class VeryDeepVAEModule(nn.Module):
         estimator for its first epochs).
     global_only_fraction : float
         In training mode with a global latent and open spatial groups, the
-        share of each batch, chosen at random, whose spatial groups draw
-        from their priors instead of their posteriors (q = p, no KL): for
+        probability with which each sample of a batch draws its spatial
+        groups from their priors instead of their posteriors (q = p, no KL): for
         those samples only the global latent carries information, and the
         decoder learns to render a volume from it and prior draws, as in
         sampling. 0 (the module's default) turns it off.
@@ -925,7 +926,8 @@ class VeryDeepVAEModule(nn.Module):
         )
 
     def _draw_global_only_rows(self, n: int, noise: Noise) -> torch.Tensor:
-        """A share ``global_only_fraction`` of the ``n`` samples, at random.
+        """A boolean mask of the ``n`` samples, each True with probability
+        ``global_only_fraction``.
 
         Drawn from ``noise`` (a standard normal under the fraction's
         quantile), so the choice follows the training generator and, under
@@ -1008,6 +1010,9 @@ class VeryDeepVAEModule(nn.Module):
 
         Latents are posterior draws: random (from :attr:`generator`) in
         training mode, with the fixed noise of :attr:`eval_seed` in eval mode.
+        In training mode the spatial groups of closed epochs
+        (:attr:`spatial_open`) take their prior means, and those of the
+        samples chosen by :attr:`global_only_fraction` their priors.
         """
         out, groups = self.top_down(len(x), self.bottom_up(x), noise=self._noise())
         nll = -self.likelihood.log_prob(x, out)
