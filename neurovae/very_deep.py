@@ -289,15 +289,15 @@ _PARAMETERS = """
         probability with which each training volume, at each step, draws
         its spatial groups from their priors instead of their posteriors
         (q = p for those groups, so they add no KL and the volume's
-        objective is still an ELBO). For those volumes the global latent alone says what
-        the volume is, so the decoder learns to render a volume from the
-        global latent and prior draws of the spatial groups, which is what
-        :meth:`sample` does. Without it the spatial groups can take over
-        the layout once open, and a third to a half of the samples hold no
-        object; the price is likelihood (``benchmarks/``). 0 trains every
-        volume on its posteriors; 1 never trains the spatial posteriors
-        (only of use to study the global latent alone); ignored without a
-        global latent.
+        objective is still an ELBO). For those volumes the global latent
+        alone says what the volume is, so the decoder learns to render a
+        volume from the global latent and prior draws of the spatial
+        groups, which is what :meth:`sample` does. Without it the spatial
+        groups can take over the layout once open, and a third to a half of
+        the samples hold no object; the price is likelihood
+        (``benchmarks/``). 0 trains every volume on its posteriors; 1 never
+        trains the spatial posteriors (only of use to study the global
+        latent alone); ignored without a global latent.
     global_prior : {"fitted", "standard"}, default="fitted"
         Prior of the global latent once trained. Training uses the standard
         normal; ``"fitted"`` then replaces it by the Gaussian (full
@@ -383,11 +383,10 @@ class VeryDeepVAE(BaseVAE):
     normal prior and, for the first ``global_only_iter`` epochs, alone,
     so that it learns the layout of the volumes (where things are, how
     large) before the spatial groups can take it, and afterwards, for a
-    random share of the volumes, still alone (``global_only_fraction``); once
-    trained, its prior is fitted to the training posteriors
-    (``global_prior``). The voxels
-    have a Gaussian likelihood with a learned scale per voxel, bounded
-    below.
+    random share of the volumes, still alone (``global_only_fraction``);
+    once trained, its prior is fitted to the training posteriors
+    (``global_prior``). The voxels have a Gaussian likelihood with a learned
+    scale per voxel, bounded below.
 
     Training maximises the ELBO with the reference's stabilisers: prior
     heads initialised at zero (every prior starts as N(0, I)), residual
