@@ -36,20 +36,12 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-# Buffers set from the trained weights once training has ended (the fitted
-# prior of VeryDeepVAE's global latent): a checkpoint's final weights and the
-# fitted model they became differ only there, and a warm start continues them.
-FITTED_AFTER_TRAINING = ("global_latent.prior_mean", "global_latent.prior_scale_tril")
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict: every name and tensor, in order.
-
-    Entries in :data:`FITTED_AFTER_TRAINING` are left out.
-    """
+def state_digest(state: dict[str, torch.Tensor], skip=()) -> str:
+    """SHA-256 of a state dict: every name and tensor, in order, but those
+    named in ``skip``."""
     digest = hashlib.sha256()
     for key, value in state.items():
-        if key.endswith(FITTED_AFTER_TRAINING):
+        if key in skip:
             continue
         digest.update(key.encode())
         digest.update(tensor_digest(value).encode())

@@ -801,10 +801,13 @@ class BaseVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         }
         start = {"epoch": 0}
         if warm:  # continues the fitted model: the checkpoint must too
+            # buffers fitted after training differ from the checkpoint's
+            skip = sorted(getattr(self.module_, "fitted_after_training", ()))
             start = {
                 "epoch": int(self.n_iter_),
                 "seed": int(self._seed),
-                "weights": state_digest(self.module_.state_dict()),
+                "weights": state_digest(self.module_.state_dict(), skip),
+                "weights_skip": skip,
             }
         path = os.path.join(
             os.fspath(self.checkpoint_dir), f"{type(self).__name__}.ckpt"

@@ -310,6 +310,13 @@ def test_global_latent_bookkeeping_and_priors():
     )
     assert [tuple(z.shape) for z in vae.encode(batch())][0] == (3, 5)
     assert vae.sample(2).shape == (2, 1, *SHAPE)
+    # the buffers fit_global_prior sets, by their state-dict names
+    assert vae.fitted_after_training == (
+        "global_latent.prior_mean",
+        "global_latent.prior_scale_tril",
+    )
+    assert set(vae.fitted_after_training) <= set(vae.state_dict())
+    assert make_vae().fitted_after_training == ()
 
 
 def test_global_kl_matches_distributions_with_a_full_prior():

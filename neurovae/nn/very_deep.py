@@ -592,13 +592,17 @@ class VeryDeepVAEModule(nn.Module):
     global_only_fraction : float
         In training mode with a global latent and open spatial groups, the
         probability with which each sample of a batch draws its spatial
-        groups from their priors instead of their posteriors (q = p, no KL): for
-        those samples only the global latent carries information, and the
+        groups from their priors instead of their posteriors (q = p, no
+        KL): for those samples only the global latent carries information, and the
         decoder learns to render a volume from it and prior draws, as in
         sampling. 0 (the module's default) turns it off.
     global_latent : module or None
         The global latent (``posterior``, ``proj``, and the buffers
         ``prior_mean`` and ``prior_scale_tril``), or None.
+    fitted_after_training : tuple of str
+        The state-dict names of the buffers fitted once training has ended
+        (the global latent's prior), which a checkpoint's final weights do
+        not hold yet; empty without a global latent.
 
     Notes
     -----
@@ -914,6 +918,15 @@ class VeryDeepVAEModule(nn.Module):
         if any(self._pad):
             out = out[(slice(None), slice(None), *self._crop)]
         return out, groups
+
+    @property
+    def fitted_after_training(self) -> tuple[str, ...]:
+        if self.global_latent is None:
+            return ()
+        # the global latent's buffers are its prior, fitted by fit_global_prior
+        return tuple(
+            f"global_latent.{name}" for name, _ in self.global_latent.named_buffers()
+        )
 
     def _global_only_rows_active(self, acts, noise, closed) -> bool:
         return (

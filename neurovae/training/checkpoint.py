@@ -164,7 +164,9 @@ class Checkpoint:
         starts from), a finished run that *ended* with those weights is
         replaced even when its fingerprint differs: the new run continues
         that very model, for example a warm start with more epochs or another
-        learning rate.
+        learning rate. A ``"weights_skip"`` entry lists the state-dict names
+        left out of that digest (buffers fitted after training, which the
+        checkpoint's final weights do not hold yet).
     metadata : dict, optional
         JSON-serialisable values stored with the state for the caller (e.g.
         a random seed); after :meth:`read` resumes, those of the file.
@@ -358,7 +360,8 @@ class Checkpoint:
         final = state.get("snapshot")  # the kept weights, when they differ
         if final is None:
             final = state.get("module")
-        return isinstance(final, dict) and state_digest(final) == weights
+        skip = self.start.get("weights_skip", ())
+        return isinstance(final, dict) and state_digest(final, skip) == weights
 
     # -- writing -----------------------------------------------------------
     def _temporary_prefix(self) -> str:
