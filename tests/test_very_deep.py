@@ -516,6 +516,8 @@ def test_without_a_global_latent(volumes, one_thread):
         {"global_prior": "uniform"},
         {"global_only_fraction": -0.1},
         {"global_only_fraction": 1.5},
+        {"global_only_fraction": float("nan")},
+        {"global_only_fraction": "half"},
     ],
 )
 def test_global_latent_parameters_are_checked(volumes, bad):
